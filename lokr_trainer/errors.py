@@ -1,0 +1,56 @@
+"""One exception hierarchy for the whole library.
+
+Every error a user can cause (bad file, bad config, bad data) is a
+:class:`LokrTrainerError`, so scripts can catch one type and print one clean
+message.  Messages say what was wrong *and* how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LokrTrainerError(Exception):
+    """Base class of every error raised on purpose by lokr_trainer."""
+
+
+class ConfigError(LokrTrainerError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class CheckpointError(LokrTrainerError):
+    """A model file or folder cannot be used; the message names the file."""
+
+    def __init__(self, path: str | Path | None, problem: str, hint: str = "") -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        self.hint = hint
+        where = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{where}{problem}" + (f" ({hint})" if hint else ""))
+
+
+class CorruptFileError(CheckpointError):
+    """The file is truncated, not safetensors, or its header is inconsistent."""
+
+
+class WrongModelError(CheckpointError):
+    """The file is a valid checkpoint, but not of the expected model (e.g. SD1.5 given as SDXL)."""
+
+
+class MissingComponentError(CheckpointError):
+    """A required part (UNet, a text encoder, the VAE, a tokenizer) is absent."""
+
+
+class UnsafeFormatError(CheckpointError):
+    """A pickle-based file was given without the explicit opt-in to read it."""
+
+
+class KeyMapError(LokrTrainerError, KeyError):
+    """A tensor name has no counterpart in the other layout."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(LokrTrainerError, ValueError):
+    """Tensors that must agree in shape do not."""
