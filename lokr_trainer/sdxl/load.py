@@ -7,6 +7,7 @@ a time into a temporary file renamed into place at the end.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -493,6 +494,36 @@ def save_single_file(
     return write_safetensors(path, plan, produce(), meta, overwrite=overwrite)
 
 
+WEIGHT_FILES = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
+
+
+def _save_component(model: torch.nn.Module, sub: Path, dtype: torch.dtype | None) -> None:
+    """Config via the library, weights streamed and cast per tensor.
+
+    ``save_pretrained`` would need the model cast in place (lossy for the
+    caller's fp32 weights) or a full cast copy in RAM.  Text encoders are
+    written with the canonical ``text_model.`` names every published SDXL
+    folder uses, which transformers 4 and 5 both read.
+    """
+    sub.mkdir(parents=True, exist_ok=True)
+    is_transformers = hasattr(model.config, "to_json_string")
+    if is_transformers:
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(sub)
+    else:
+        model.save_config(sub)
+    state = {canonical_name(k, model): v.detach() for k, v in model.state_dict().items()}
+    state = dict(sorted(state.items()))
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return _cast(t, dtype)
+
+    plan = [PlannedTensor(k, cast(v).dtype if v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in state.items()]
+    name = WEIGHT_FILES["transformers" if is_transformers else "diffusers"]
+    write_safetensors(sub / name, plan, ((k, cast(v)) for k, v in state.items()), {"format": "pt"})
+
+
 def save_diffusers_folder(
     models: SDXLModels,
     folder: str | Path,
@@ -505,15 +536,7 @@ def save_diffusers_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for comp in COMPONENTS:
-        model = getattr(models, comp)
-        orig = next(model.parameters()).dtype
-        if dtype is not None:
-            model.to(dtype)
-        try:
-            with _quiet_transformers():
-                model.save_pretrained(folder / DIFFUSERS_FOLDERS[comp], safe_serialization=True)
-        finally:
-            model.to(orig)
+        _save_component(getattr(models, comp), folder / DIFFUSERS_FOLDERS[comp], dtype)
     save_tokenizers(models.tokenizer, models.tokenizer_2, folder)
     sched = folder / "scheduler"
     sched.mkdir(exist_ok=True)
