@@ -54,3 +54,33 @@ class KeyMapError(LokrTrainerError, KeyError):
 
 class ShapeMismatchError(LokrTrainerError, ValueError):
     """Tensors that must agree in shape do not."""
+
+
+class DataError(LokrTrainerError):
+    """A dataset, manifest, sidecar or cache cannot be used as given."""
+
+
+class BadImageError(DataError):
+    """One image cannot be decoded or is refused (empty, corrupt, not an image, too large).
+
+    Training loops catch this per sample, log the path and count it; it never
+    stops a run on its own.
+    """
+
+    def __init__(self, path: str | Path | None, reason: str, kind: str = "unreadable") -> None:
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        #: short category for summaries: empty, missing, not_an_image, truncated, too_large, unreadable
+        self.kind = kind
+        super().__init__(f"{self.path or '<bytes>'}: {reason}")
+
+    def __reduce__(self):  # keep path/reason/kind across DataLoader worker pickling
+        return (type(self), (self.path, self.reason, self.kind))
+
+
+class ManifestError(DataError):
+    """A manifest line or sidecar file is malformed; the message names file and line."""
+
+
+class CacheError(DataError):
+    """A cache cannot be built or used (wrong settings, unwritable directory)."""
