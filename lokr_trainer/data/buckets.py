@@ -80,18 +80,26 @@ class BucketConfig:
 def make_buckets(config: BucketConfig = BucketConfig()) -> list[Bucket]:
     """All buckets for ``config``, sorted by aspect ratio (tall → wide).
 
-    For every width ``w`` in ``[min_side, max_side]`` (step ``step``) the bucket
-    is ``w × h`` with ``h`` the largest multiple of ``step`` such that
-    ``w·h ≤ resolution²`` and ``h ≤ max_side``; kept if ``h ≥ min_side``.  The
-    transpose of every bucket is added, so the set is symmetric.  Each bucket is
-    thus the largest of its width under the area budget.
+    A bucket ``w × h`` has both sides multiples of ``step`` in
+    ``[min_side, max_side]`` and area ``≤ resolution²``, and is the largest
+    bucket of its shape: neither side can grow by one step without breaking
+    the area budget or ``max_side``.  Where ``max_side`` caps the long side,
+    every short side from ``min_side`` up is kept (``256×2048``, ``320×2048``,
+    …), so extreme aspects still find a close bucket even though its area is
+    below resolution².  Unlike kohya's generator this makes no near-duplicate
+    low-area buckets (``256×3328`` next to ``256×4096``).  The set is
+    symmetric: the transpose of a bucket is a bucket.
     """
     config.validate()
     s, area = config.step, config.resolution**2
+
+    def longest(side: int) -> int:
+        return min(config.max_side, (area // side) // s * s)
+
     out: set[Bucket] = set()
     for w in range(config.min_side, config.max_side + 1, s):
-        h = min(config.max_side, (area // w) // s * s)
-        if h >= config.min_side:
+        h = longest(w)
+        if h >= config.min_side and (longest(h) == w or h == config.max_side):
             out.add(Bucket(w, h))
             out.add(Bucket(h, w))
     return sorted(out, key=lambda b: (b.aspect, b.area))

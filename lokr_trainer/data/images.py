@@ -227,6 +227,7 @@ def _decode(
     need: Callable[[int, int], tuple[int, int] | None],
 ) -> tuple[Image.Image, tuple[int, int]]:
     img = _open(src, where, opts)
+    opened = img
     try:
         w, h = img.size
         orient = _orientation(img)
@@ -247,9 +248,12 @@ def _decode(
             msg = str(e)
             kind = "truncated" if "truncated" in msg or isinstance(e, EOFError) else "unreadable"
             raise BadImageError(where, f"cannot decode: {msg or type(e).__name__}", kind=kind) from None
-        return rgb, disp
-    finally:
-        img.close()
+    except BaseException:
+        opened.close()
+        raise
+    if rgb is not opened:
+        opened.close()  # the file handle; the returned image owns its own pixels
+    return rgb, disp
 
 
 def load_cropped(
@@ -279,9 +283,12 @@ def load_cropped(
     fx, fy = img.size[0] / ow, img.size[1] / oh
     x0, y0, x1, y1 = plan.source_box()
     box = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
-    out = img.resize(
-        (plan.bucket.width, plan.bucket.height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0
-    )
+    try:
+        out = img.resize(
+            (plan.bucket.width, plan.bucket.height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0
+        )
+    finally:
+        img.close()
     if plan.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(out, dtype=np.uint8)
