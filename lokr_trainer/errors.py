@@ -84,3 +84,15 @@ class ManifestError(DataError):
 
 class CacheError(DataError):
     """A cache cannot be built or used (wrong settings, unwritable directory)."""
+
+
+class MergeError(LokrTrainerError):
+    """A merge cannot be carried out as asked; the message names the file and the key."""
+
+
+class UnmatchedModuleError(MergeError):
+    """Adapter modules name layers the base checkpoint lacks (an opt-in skips them)."""
+
+
+class NonFiniteResultError(MergeError, ArithmeticError):
+    """A merged tensor holds inf or nan; the output is not written."""
