@@ -1,0 +1,384 @@
+"""LoKr adapter files in the interop format (DESIGN.md §4).
+
+One ``.safetensors`` file that ComfyUI, A1111/Forge, LyCORIS and kohya
+sd-scripts load as it is: per module ``<name>.alpha`` (a 0-d **float32**
+tensor whatever the weights' dtype, because a full-matrix alpha of 100000 is
+``inf`` in fp16), optional ``<name>.dora_scale``, ``lokr_w1`` or
+``lokr_w1_a``/``lokr_w1_b``, ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b`` (+
+``lokr_t2``), in LyCORIS' layouts, and string metadata (``ss_*``,
+``modelspec.*``, ``lokr_trainer.*``).
+
+The delta weight is computed here, from the file's tensors, by the formula
+every UI applies: ΔW = s · kron(W1, W2) reshaped to the layer's weight shape,
+s = alpha / r where r is the rank of the decomposed factor (w2's if both are
+decomposed, as ComfyUI and A1111 read it), s = 1 when both factors are full.
+We never use lycoris-lora 4.1.3's ``get_diff_weight``/``merge_to``: they apply
+s twice.
+
+Light on purpose: torch and the key maps only, so the merge tool can read
+adapters without importing diffusers or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from lokr_trainer.errors import CorruptFileError, KeyMapError, ShapeMismatchError
+from lokr_trainer.lokr.names import LOKR_PREFIX, ModuleTable, normalize_lokr_name
+from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
+from lokr_trainer.sdxl.keys import SDXL_UNET_LAYOUT, UNetLayout
+
+logger = logging.getLogger(__name__)
+
+#: Tensor names of one LoKr module, in the order LyCORIS writes them.
+TENSOR_ORDER: tuple[str, ...] = (
+    "alpha",
+    "dora_scale",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+    "lokr_t2",
+)
+_KNOWN = frozenset(TENSOR_ORDER)
+#: Tensors that mark another algorithm's module (LoRA/LoCon, LoHa, …).
+_FOREIGN_MARKERS = ("lora_up", "lora_down", "hada_w1_a", "hada_w1_b", "diff", "oft_blocks", "oft_diag", "w_norm", "b_norm")
+
+#: modelspec / ss values every SDXL LoRA-family file carries (research/lycoris.md §6).
+MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+SS_BASE_MODEL_VERSION = "sdxl_base_v1-0"
+
+
+# --------------------------------------------------------------------------- one module
+
+
+@dataclass
+class LoKrModuleWeights:
+    """The tensors of one LoKr module as stored in a file (any dtype)."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+
+    # -- structure -------------------------------------------------------------------
+
+    @property
+    def component(self) -> str:
+        for comp, prefix in LOKR_PREFIX.items():
+            if self.name.startswith(prefix):
+                return comp
+        raise KeyMapError(f"{self.name!r} has no lora_unet_/lora_te1_/lora_te2_ prefix")
+
+    @property
+    def w1_full(self) -> bool:
+        return "lokr_w1" in self.tensors
+
+    @property
+    def w2_full(self) -> bool:
+        return "lokr_w2" in self.tensors
+
+    @property
+    def tucker(self) -> bool:
+        return "lokr_t2" in self.tensors
+
+    @property
+    def rank(self) -> int | None:
+        """The rank consumers divide alpha by: w2_b's rows, else w1_b's, None when both are full."""
+        if not self.w2_full:
+            return int(self.tensors["lokr_w2_b"].shape[0])
+        if not self.w1_full:
+            return int(self.tensors["lokr_w1_b"].shape[0])
+        return None
+
+    @property
+    def alpha(self) -> float | None:
+        a = self.tensors.get("alpha")
+        return None if a is None else float(a.float().reshape(-1)[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / r with a decomposed factor (ComfyUI/A1111/LyCORIS forward), else 1."""
+        r, a = self.rank, self.alpha
+        return a / r if (r is not None and a is not None) else 1.0
+
+    def w1(self) -> torch.Tensor:
+        t = self.tensors
+        if self.w1_full:
+            return t["lokr_w1"].float()
+        return t["lokr_w1_a"].float() @ t["lokr_w1_b"].float()
+
+    def w2(self) -> torch.Tensor:
+        """The second factor; 2-D (conv kernel flattened into columns) or 4-D (full conv / Tucker)."""
+        t = self.tensors
+        if self.w2_full:
+            return t["lokr_w2"].float()
+        a, b = t["lokr_w2_a"].float(), t["lokr_w2_b"].float()
+        if self.tucker:  # LyCORIS' Tucker layout: w2_a is (r, out_k), w2_b (r, in_n)
+            return torch.einsum("i j ..., i p, j r -> p r ...", t["lokr_t2"].float(), a, b)
+        return a @ b.reshape(b.shape[0], -1)
+
+    def kron_shape(self) -> tuple[int, int]:
+        """(out, in·k) of the 2-D kron, for shape checks without computing anything."""
+        t = self.tensors
+        if self.w1_full:
+            a, c = t["lokr_w1"].shape
+        else:
+            a, c = t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]
+        if self.w2_full:
+            w2s = tuple(t["lokr_w2"].shape)
+            b, d = w2s[0], math.prod(w2s[1:])
+        elif self.tucker:
+            k = math.prod(t["lokr_t2"].shape[2:])
+            b, d = t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * k
+        else:
+            b, d = t["lokr_w2_a"].shape[0], math.prod(t["lokr_w2_b"].shape[1:])
+        return int(a * b), int(c * d)
+
+    def fits(self, weight_shape: tuple[int, ...]) -> bool:
+        """Does ΔW have the layer's output rows and element count?"""
+        out, cols = self.kron_shape()
+        return len(weight_shape) >= 2 and out == weight_shape[0] and out * cols == math.prod(weight_shape)
+
+    # -- maths -----------------------------------------------------------------------
+
+    def delta_weight(self, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """fp32 ΔW = s · kron(W1, W2) reshaped to ``weight_shape`` (no multiplier, no DoRA).
+
+        For a conv, W2 carries the kernel dims: a 4-D W2 (full conv, Tucker)
+        is krond with W1 broadcast over the kernel, a 2-D W2 holds the kernel
+        flattened into its columns; both give the same (out, in, kh, kw).
+        """
+        weight_shape = tuple(int(s) for s in weight_shape)
+        if not self.fits(weight_shape):
+            raise ShapeMismatchError(
+                f"LoKr module {self.name}: factors give a {self.kron_shape()} delta, "
+                f"which does not fit the weight {list(weight_shape)}"
+            )
+        w1, w2 = self.w1(), self.w2()
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        delta = torch.kron(w1, w2.contiguous())
+        scale = self.scale
+        if scale != 1.0:
+            delta = delta * scale
+        return delta.reshape(weight_shape)
+
+    def apply_to_weight(self, weight: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+        """fp32 W' for this module: W + m·ΔW, or LyCORIS' DoKr rescale when the file has ``dora_scale``.
+
+        DoKr (LyCORIS, ``wd_on_out`` from dora_scale's shape):
+        W' = (W + ΔW) · (m · (dora_scale / ‖W + ΔW‖ − 1) + 1).  ComfyUI and
+        A1111 each normalise DoRA differently; this is the trainer's forward.
+        """
+        w = weight.float()
+        delta = self.delta_weight(tuple(weight.shape))
+        dora = self.tensors.get("dora_scale")
+        if dora is None:
+            return w + multiplier * delta
+        merged = w + delta
+        dora = dora.float()
+        norm_dims = merged.dim() - 1
+        if dora.shape[0] == merged.shape[0] and (dora.dim() < 2 or dora.shape[1] == 1):  # per output row
+            norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *[1] * norm_dims)
+        else:  # per input column
+            norm = (
+                merged.transpose(0, 1)
+                .reshape(merged.shape[1], -1)
+                .norm(dim=1, keepdim=True)
+                .reshape(merged.shape[1], *[1] * norm_dims)
+                .transpose(0, 1)
+            )
+        factor = dora / (norm + torch.finfo(torch.float32).eps)
+        if multiplier != 1:
+            factor = multiplier * (factor - 1) + 1
+        return merged * factor
+
+    def numel(self) -> int:
+        return sum(t.numel() for k, t in self.tensors.items() if k != "alpha")
+
+    def validate(self, where: str | Path | None = None) -> None:
+        """Raise :class:`CorruptFileError` when the tensors are not one consistent LoKr module."""
+        t = self.tensors
+
+        def bad(problem: str) -> CorruptFileError:
+            return CorruptFileError(where, f"LoKr module {self.name}: {problem}")
+
+        unknown = sorted(set(t) - _KNOWN)
+        if unknown:
+            raise bad(f"unknown tensors {unknown}")
+        if not (("lokr_w1" in t) ^ ("lokr_w1_a" in t and "lokr_w1_b" in t)):
+            raise bad("needs lokr_w1 or both lokr_w1_a and lokr_w1_b (and not both forms)")
+        if not (("lokr_w2" in t) ^ ("lokr_w2_a" in t and "lokr_w2_b" in t)):
+            raise bad("needs lokr_w2 or both lokr_w2_a and lokr_w2_b (and not both forms)")
+        if "lokr_t2" in t and "lokr_w2" in t:
+            raise bad("lokr_t2 (Tucker) goes with lokr_w2_a/lokr_w2_b, not with lokr_w2")
+        if "alpha" in t and t["alpha"].numel() != 1:
+            raise bad(f"alpha must be a scalar, got shape {list(t['alpha'].shape)}")
+        try:
+            if "lokr_w1_a" in t:
+                a, b = t["lokr_w1_a"], t["lokr_w1_b"]
+                if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+                    raise ValueError(f"lokr_w1_a {list(a.shape)} @ lokr_w1_b {list(b.shape)}")
+            elif t["lokr_w1"].dim() != 2:
+                raise ValueError(f"lokr_w1 must be 2-D, got {list(t['lokr_w1'].shape)}")
+            if "lokr_t2" in t:
+                t2, a, b = t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]
+                if a.dim() != 2 or b.dim() != 2 or t2.dim() < 2 or t2.shape[0] != a.shape[0] or t2.shape[1] != b.shape[0]:
+                    raise ValueError(f"lokr_t2 {list(t2.shape)}, lokr_w2_a {list(a.shape)}, lokr_w2_b {list(b.shape)}")
+            elif "lokr_w2_a" in t:
+                a, b = t["lokr_w2_a"], t["lokr_w2_b"]
+                if a.dim() != 2 or b.dim() < 2 or a.shape[1] != b.shape[0]:
+                    raise ValueError(f"lokr_w2_a {list(a.shape)} @ lokr_w2_b {list(b.shape)}")
+            elif t["lokr_w2"].dim() < 2:
+                raise ValueError(f"lokr_w2 must be at least 2-D, got {list(t['lokr_w2'].shape)}")
+        except ValueError as e:
+            raise bad(f"inconsistent factor shapes: {e}") from None
+
+
+# --------------------------------------------------------------------------- one file
+
+
+@dataclass
+class LoKrFile:
+    """A LoKr adapter: modules keyed by normalised LDM-spelling name, and metadata."""
+
+    path: Path | None
+    modules: dict[str, LoKrModuleWeights]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def component(self, component: str) -> dict[str, LoKrModuleWeights]:
+        prefix = LOKR_PREFIX[component]
+        return {k: v for k, v in self.modules.items() if k.startswith(prefix)}
+
+    def save(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = True) -> Path:
+        """Write the file back (same tensors and metadata unless ``dtype`` recasts the weights)."""
+        return write_lokr(path, {k: m.tensors for k, m in self.modules.items()}, self.metadata, dtype=dtype, overwrite=overwrite)
+
+
+def _group_tensors(keys: Iterable[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        module, _, tensor = key.rpartition(".")
+        if not module:
+            module, tensor = key, ""
+        groups.setdefault(module, []).append(tensor)
+    return groups
+
+
+def load_lokr(
+    path: str | Path,
+    *,
+    layout: UNetLayout = SDXL_UNET_LAYOUT,
+    table: ModuleTable | None = None,
+    skip_unknown: bool = False,
+) -> LoKrFile:
+    """Read a LoKr ``.safetensors`` written by us, LyCORIS, kohya or another trainer.
+
+    Module names are normalised to the LDM spelling (diffusers-path UNet names,
+    ``lycoris_``, ``lora_te_`` and TE names without ``text_model`` are
+    accepted).  Modules that are not LoKr, or whose names no SDXL module has,
+    are an error naming them; ``skip_unknown=True`` skips them with a warning.
+    Tensors keep their stored dtype (so a load/save round trip is exact).
+    """
+    path = Path(path)
+    unknown: list[str] = []
+    foreign: list[str] = []
+    modules: dict[str, LoKrModuleWeights] = {}
+    origin: dict[str, str] = {}
+    with SafetensorsReader(path) as reader:
+        metadata = dict(reader.header.metadata)
+        for raw_name, tensor_names in _group_tensors(reader.keys()).items():
+            if not any(t in ("lokr_w1", "lokr_w1_a") for t in tensor_names):
+                foreign.append(raw_name)
+                continue
+            try:
+                name = normalize_lokr_name(raw_name, layout, table)
+            except KeyMapError as e:
+                unknown.append(f"{raw_name} ({e})")
+                continue
+            if name in modules:
+                raise CorruptFileError(path, f"modules {origin[name]!r} and {raw_name!r} are the same module {name}")
+            tensors = {t: reader.get(f"{raw_name}.{t}") for t in tensor_names}
+            module = LoKrModuleWeights(name, tensors)
+            module.validate(path)
+            modules[name] = module
+            origin[name] = raw_name
+    problems = []
+    if foreign:
+        problems.append(f"{len(foreign)} modules are not LoKr (LoRA/LoHa/other): {', '.join(sorted(foreign)[:8])}")
+    if unknown:
+        problems.append(f"{len(unknown)} module names match no SDXL module: {'; '.join(sorted(unknown)[:8])}")
+    if problems:
+        msg = "; ".join(problems)
+        if not skip_unknown:
+            raise CorruptFileError(path, msg, "pass skip_unknown=True to load the rest and skip these")
+        logger.warning("%s: skipping %s", path, msg)
+    if not modules:
+        raise CorruptFileError(path, "no LoKr module in this file (no lokr_w1/lokr_w1_a tensors)")
+    return LoKrFile(path=path, modules=modules, metadata=metadata)
+
+
+def write_lokr(
+    path: str | Path,
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write modules' tensors atomically; ``alpha`` always as a 0-d float32 tensor.
+
+    ``dtype`` casts every other floating tensor (None keeps each as it is).
+    Modules are written in the given order, tensors in LyCORIS' order.
+    """
+    plan: list[PlannedTensor] = []
+    items: list[tuple[str, torch.Tensor]] = []
+    for name, tensors in modules.items():
+        extra = sorted(set(tensors) - _KNOWN)
+        if extra:
+            raise CorruptFileError(path, f"LoKr module {name}: unknown tensors {extra}")
+        for tname in TENSOR_ORDER:
+            if tname not in tensors:
+                continue
+            t = tensors[tname].detach()
+            if tname == "alpha":
+                t = t.to(torch.float32).reshape(())
+            elif dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            key = f"{name}.{tname}"
+            plan.append(PlannedTensor(key, t.dtype, tuple(t.shape)))
+            items.append((key, t))
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return write_safetensors(path, plan, iter(items), meta, overwrite=overwrite)
+
+
+def save_lokr(
+    network: Any,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Save a :class:`~lokr_trainer.lokr.attach.LoKrNetwork` in the interop format.
+
+    ``metadata`` adds or overrides keys of the network's own (``ss_*``,
+    ``modelspec.*``, ``lokr_trainer.*``); values are turned into strings.
+    """
+    meta = dict(network.file_metadata(dtype=dtype))
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return write_lokr(path, network.file_tensors(), meta, dtype=dtype, overwrite=overwrite)
+
+
+def json_dumps(value: Any) -> str:
+    """Compact, key-sorted JSON, so that equal values give equal metadata strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
