@@ -1,0 +1,1 @@
+"""Training: long-prompt encoding and SDXL time ids (``prompts``)."""
