@@ -291,7 +291,7 @@ def load_cropped(
         img.close()
     if plan.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(out, dtype=np.uint8)
+    arr = np.array(out, dtype=np.uint8)  # writable (torch.from_numpy warns on read-only arrays)
     if arr.shape != (plan.bucket.height, plan.bucket.width, 3):  # pragma: no cover - Pillow contract
         raise BadImageError(where, f"unexpected decoded shape {arr.shape}")
     return arr, plan
