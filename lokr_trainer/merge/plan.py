@@ -1,0 +1,670 @@
+"""Check a recipe against its inputs and decide, per output key, what to compute.
+
+Everything a merge can refuse is refused here, before a byte is written:
+missing files, bases whose keys or shapes differ, a weights count that does
+not match, reference embeddings that do not fit, LoKr modules the base lacks
+or whose factors do not fit the layer, an existing output.  Only headers and
+the (small) LoKr tensors are read; ``--dry-run`` stops after this step.
+
+The result, :class:`MergePlan`, lists the output tensors in the first base's
+on-disk order (so reads are sequential) with, for each, where its value
+comes from and which LoKr deltas land on it, plus the key accounting the CLI
+prints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from lokr_trainer.errors import (
+    CheckpointError,
+    ConfigError,
+    KeyMapError,
+    LokrTrainerError,
+    MissingComponentError,
+    ShapeMismatchError,
+    UnmatchedModuleError,
+    WrongModelError,
+)
+from lokr_trainer.merge.ops import cast_exact
+from lokr_trainer.merge.recipe import DTYPE_NAMES, Recipe
+from lokr_trainer.merge.stream import TensorMeta, TensorSource, open_source
+from lokr_trainer.safetensors_io import element_size, read_header
+from lokr_trainer.sdxl.keys import PASSTHROUGH_KEYS, PREFIXES, Layouts, component_of
+
+logger = logging.getLogger("lokr_trainer.merge")
+
+#: Components in report order, with the labels users know.
+LABELS: dict[str | None, str] = {"unet": "UNet", "text_encoder": "TE1", "text_encoder_2": "TE2", "vae": "VAE", None: "other"}
+#: LoKr component names (lokr.names) -> single-file component.
+LOKR_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+#: The CLIP token and position embeddings that ``restore_embeddings`` copies (DESIGN.md §5).
+EMBEDDING_KEYS: tuple[str, ...] = (
+    PREFIXES["text_encoder"] + "text_model.embeddings.token_embedding.weight",
+    PREFIXES["text_encoder"] + "text_model.embeddings.position_embedding.weight",
+    PREFIXES["text_encoder_2"] + "token_embedding.weight",
+    PREFIXES["text_encoder_2"] + "positional_embedding",
+)
+
+#: modelspec keys worth keeping from the first base (they describe the architecture, not the file).
+_CARRIED_MODELSPEC = (
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.resolution",
+    "modelspec.prediction_type",
+    "modelspec.timestep_range",
+    "modelspec.encoder_layer",
+)
+
+#: Bytes of tensors the pipeline may hold at once (inputs + outputs + deltas), see stream.ordered_map.
+DEFAULT_INFLIGHT_BYTES = 192 << 20
+
+
+# --------------------------------------------------------------------------- plan records
+
+
+@dataclass
+class Contribution:
+    """One LoKr module's ``m·ΔW`` on one output tensor."""
+
+    lokr: int  # index into recipe.lokrs
+    module: Any  # lokr_trainer.lokr.io.LoKrModuleWeights
+    multiplier: float
+    shape: tuple[int, ...]  # the weight (or q/k/v row slice) shape ΔW takes
+    offset: int = 0  # flat element offset of that slice in the output
+    qkv: int | None = None
+
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.module.tensors
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * math.prod(self.shape)
+
+
+@dataclass
+class PlanItem:
+    """One output tensor: its value is ``source`` (summed if ``weighted``) plus ``deltas``."""
+
+    key: str
+    component: str | None
+    out: TensorMeta
+    source: str  # "bases" (all bases, weighted) | "base" (first base) | "reference"
+    weighted: bool = False
+    deltas: list[Contribution] = field(default_factory=list)
+    in_dtypes: tuple[torch.dtype, ...] = ()
+
+    @property
+    def verbatim(self) -> bool:
+        """Written byte for byte as read (nothing to compute, no cast)."""
+        return not self.weighted and not self.deltas and self.in_dtypes == (self.out.dtype,)
+
+    def cost(self) -> int:
+        """Bytes held while this item is in the pipeline."""
+        n = self.out.numel
+        read = sum(n * element_size(d) for d in self.in_dtypes)
+        if self.verbatim:
+            return read
+        return read + self.out.nbytes + sum(c.nbytes for c in self.deltas) + (8 << 20)
+
+
+@dataclass
+class ComponentCount:
+    keys: int = 0
+    summed: int = 0
+    restored: int = 0
+    baked: int = 0
+    cast: int = 0
+    verbatim: int = 0
+
+
+@dataclass
+class LoKrCount:
+    applied: dict[str, int] = field(default_factory=dict)  # single-file component -> modules
+    unmatched: dict[str, list[str]] = field(default_factory=dict)  # component (or "other") -> names + reason
+    modules: int = 0
+    resident_bytes: int = 0
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    bases: list[TensorSource]
+    reference: TensorSource | None
+    lokr_files: list[Any]
+    items: list[PlanItem]
+    weights: tuple[float, ...] | None
+    components: dict[str | None, ComponentCount]
+    lokr_counts: list[LoKrCount]
+    warnings: list[str]
+    notes: list[str]
+    output_bytes: int
+    header_metadata: dict[str, str]
+    inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    workers: int = 2
+
+    def close(self) -> None:
+        for s in self.bases:
+            s.close()
+        if self.reference is not None:
+            self.reference.close()
+
+    def __enter__(self) -> "MergePlan":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def operations(self) -> list[str]:
+        ops = []
+        if self.weights is not None:
+            ops.append("weighted_sum")
+        if self.reference is not None:
+            ops.append("restore_embeddings")
+        if self.recipe.lokrs:
+            ops.append("bake_lokr")
+        return ops
+
+    def max_item_cost(self) -> int:
+        return max((it.cost() for it in self.items), default=0)
+
+    def expected_peak_bytes(self, baseline: int | None = None) -> int:
+        """Process RSS now (interpreter, torch, LoKr tensors) + tensors in flight + the one being written."""
+        if baseline is None:
+            baseline = current_rss()
+        biggest = self.max_item_cost()
+        return baseline + self.pipeline_bytes() + biggest
+
+    def pipeline_bytes(self) -> int:
+        """The most the worker pipeline holds at once (see stream.ordered_map)."""
+        total = sum(it.cost() for it in self.items)
+        return min(max(self.inflight_bytes, self.max_item_cost()), total)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (bytes); the peak so far where 'now' is unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _check_sdxl(src: TensorSource) -> None:
+    keys = src.keys()
+    missing = [c for c, p in PREFIXES.items() if not any(k.startswith(p) for k in keys)]
+    if not missing:
+        return
+    if len(missing) == len(PREFIXES):
+        raise WrongModelError(
+            src.path, f"not an SDXL checkpoint (no {', '.join(PREFIXES.values())} keys; first keys: {_few(sorted(keys), 3)})"
+        )
+    raise MissingComponentError(
+        src.path, "SDXL components missing: " + ", ".join(f"{LABELS[c]} ({PREFIXES[c]}*)" for c in missing),
+        "the merge needs full SDXL checkpoints (UNet, both text encoders, VAE)",
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- LoKr matching
+
+
+def _module_table(src: TensorSource) -> tuple[Any, Any]:
+    """The LoKr module table and UNet layout of the base, from its key shapes (no network built)."""
+    from lokr_trainer.lokr.names import ModuleTable
+    from lokr_trainer.sdxl import configs
+
+    shapes = {k: src.meta(k).shape for k in src.keys()}
+    try:
+        layouts = Layouts.from_file_keys(shapes)
+        table = ModuleTable.from_configs(
+            configs.infer_unet_config(shapes),
+            configs.infer_text_encoder_config(shapes)["num_hidden_layers"],
+            configs.infer_text_encoder_2_config(shapes)["num_hidden_layers"],
+        )
+    except KeyMapError as e:
+        raise CheckpointError(src.path, f"cannot list the LoKr-able modules of this base: {e}") from None
+    return table, layouts.unet
+
+
+def _lokr_component(raw_name: str) -> str | None:
+    for prefix, comp in (("lora_unet_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "text_encoder"),
+                         ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder")):
+        if raw_name.startswith(prefix):
+            return comp
+    return None
+
+
+def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tuple[list[Any], list[LoKrCount], dict[str, list[Contribution]]]:
+    """Load every LoKr file and map its modules onto base keys; refuse what does not fit."""
+    from lokr_trainer.lokr.io import load_lokr
+    from lokr_trainer.lokr.names import lokr_name_to_sdxl_key, normalize_lokr_name
+
+    table, layout = _module_table(base)
+    files: list[Any] = []
+    counts: list[LoKrCount] = []
+    by_key: dict[str, list[Contribution]] = {}
+    for li, spec in enumerate(recipe.lokrs):
+        path = spec.path
+        if path.is_dir() or not path.exists():
+            raise CheckpointError(path, "LoKr file not found")
+        header = read_header(path)
+        count = LoKrCount()
+        # 1. Names first (headers only): which modules does this base have?
+        groups: dict[str, set[str]] = {}
+        for key in header.tensors:
+            module, _, tensor = key.rpartition(".")
+            groups.setdefault(module or key, set()).add(tensor)
+        for raw, tensors in groups.items():
+            comp = _lokr_component(raw)
+            if not tensors & {"lokr_w1", "lokr_w1_a"}:
+                count.unmatched.setdefault(comp or "other", []).append(f"{raw} (not a LoKr module: {', '.join(sorted(tensors))})")
+                continue
+            try:
+                normalize_lokr_name(raw, layout, table)
+            except KeyMapError as e:
+                count.unmatched.setdefault(comp or "other", []).append(f"{raw} ({e})")
+        n_unmatched = sum(len(v) for v in count.unmatched.values())
+        if n_unmatched:
+            per = "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
+            if not recipe.skip_unmatched:
+                raise UnmatchedModuleError(
+                    f"{path}: {n_unmatched} LoKr modules have no layer in base {base.path}: {per} "
+                    "(is the adapter for another model? --skip-unmatched skips them with a warning)"
+                )
+            warnings.append(f"{path.name}: skipping {n_unmatched} modules the base lacks: {per}")
+        # 2. Tensors (small) through the LoKr reader.
+        lf = load_lokr(path, layout=layout, table=table, skip_unknown=recipe.skip_unmatched)
+        files.append(lf)
+        base_ver = lf.metadata.get("ss_base_model_version", "")
+        if base_ver and not base_ver.startswith("sdxl"):
+            warnings.append(f"{path.name}: metadata says ss_base_model_version={base_ver!r}, not SDXL")
+        seen: dict[tuple[str, int | None], str] = {}
+        for name, module in lf.modules.items():
+            key, qkv = lokr_name_to_sdxl_key(name, layout, table)
+            comp = component_of(key)
+            try:
+                meta = base.meta(key)
+            except KeyError:
+                msg = f"{name} (no tensor {key} in the base)"
+                if not recipe.skip_unmatched:
+                    raise UnmatchedModuleError(f"{path}: LoKr module {msg}; --skip-unmatched skips it with a warning") from None
+                count.unmatched.setdefault(comp or "other", []).append(msg)
+                warnings.append(f"{path.name}: skipping {msg}")
+                continue
+            if (key, qkv) in seen:
+                raise CheckpointError(path, f"modules {seen[(key, qkv)]} and {name} both modify {key}")
+            seen[(key, qkv)] = name
+            shape = meta.shape
+            offset = 0
+            if qkv is not None:
+                if len(shape) != 2 or shape[0] % 3:
+                    raise ShapeMismatchError(f"{path}: module {name}: {key} {list(shape)} is not a stacked q/k/v weight")
+                rows = shape[0] // 3
+                offset = qkv * rows * shape[1]
+                shape = (rows, shape[1])
+            if not meta.dtype.is_floating_point or not module.fits(shape):
+                got = module.kron_shape()
+                raise ShapeMismatchError(
+                    f"{path}: LoKr module {name} gives a delta of {got[0]}x{got[1]} elements per row block, "
+                    f"which does not fit {key}{' rows ' + str(qkv) if qkv is not None else ''} {list(shape)} "
+                    f"{meta.dtype} of {base.path} (adapter trained for another model?)"
+                )
+            c = Contribution(li, module, spec.multiplier, tuple(shape), offset, qkv)
+            by_key.setdefault(key, []).append(c)
+            count.applied[comp] = count.applied.get(comp, 0) + 1
+            count.modules += 1
+        count.resident_bytes = sum(
+            t.numel() * t.element_size() for m in lf.modules.values() for t in m.tensors.values()
+        )
+        counts.append(count)
+    for key, cs in by_key.items():  # q/k/v slices of one key: keep file order, then q, k, v
+        cs.sort(key=lambda c: (c.lokr, c.offset))
+    return files, counts, by_key
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> MergePlan:
+    """Validate ``recipe`` against its inputs (headers and LoKr files only) and plan the output."""
+    warnings: list[str] = []
+    notes: list[str] = []
+    out = recipe.out
+    if out.is_dir():
+        raise CheckpointError(out, "is a folder; --out must be a .safetensors file path")
+    if out.exists() and not recipe.overwrite:
+        raise CheckpointError(out, "output exists", "pass --overwrite (overwrite=True) to replace it")
+    if out.suffix.lower() != ".safetensors":
+        warnings.append(f"{out.name}: output is a safetensors file but its name does not end in .safetensors")
+    inputs = [*recipe.bases, *([recipe.restore_embeddings] if recipe.restore_embeddings else []), *(l.path for l in recipe.lokrs)]
+    for p in inputs:
+        if _same_file(p, out):
+            raise CheckpointError(out, f"is also an input ({p}); write the merge to a new file")
+
+    bases: list[TensorSource] = []
+    reference: TensorSource | None = None
+    try:
+        for p in recipe.bases:
+            bases.append(open_source(p))
+        first = bases[0]
+        _check_sdxl(first)
+        keys = first.keys()
+        keyset = set(keys)
+        for src in bases[1:]:
+            other = set(src.keys())
+            missing, extra = sorted(keyset - other), sorted(other - keyset)
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"lacks {len(missing)} keys of {first.path.name} (e.g. {_few(missing, 3)})")
+                if extra:
+                    parts.append(f"has {len(extra)} keys {first.path.name} lacks (e.g. {_few(extra, 3)})")
+                raise CheckpointError(src.path, "; ".join(parts), "bases of a weighted sum must have the same keys")
+            for k in keys:
+                a, b = first.meta(k), src.meta(k)
+                if a.shape != b.shape:
+                    raise ShapeMismatchError(
+                        f"{src.path}: {k} has shape {list(b.shape)}, but {list(a.shape)} in {first.path} "
+                        "(bases of a weighted sum must be the same architecture)"
+                    )
+                if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                    raise CheckpointError(
+                        src.path, f"{k} is {b.dtype} here but {a.dtype} in {first.path}",
+                        "integer tensors are copied, floats summed: the bases must agree",
+                    )
+
+        weights = recipe.effective_weights
+        if weights is not None:
+            total = sum(weights)
+            if abs(total - 1.0) > 1e-6:
+                warnings.append(f"weights sum to {total:g}, not 1: the merged weights are scaled by {total:g}")
+            if recipe.weights is None:
+                notes.append(f"no --weights given: averaging the {len(bases)} bases ({weights[0]:g} each)")
+
+        if recipe.restore_embeddings is not None:
+            reference = open_source(recipe.restore_embeddings)
+            for k in EMBEDDING_KEYS:
+                if k not in keyset:
+                    raise CheckpointError(first.path, f"has no {k} to restore")
+                try:
+                    r = reference.meta(k)
+                except KeyError:
+                    raise CheckpointError(reference.path, f"reference has no {k}") from None
+                if r.shape != first.meta(k).shape:
+                    raise ShapeMismatchError(
+                        f"{reference.path}: {k} has shape {list(r.shape)}, the base {first.path} {list(first.meta(k).shape)}"
+                    )
+
+        lokr_files: list[Any] = []
+        lokr_counts: list[LoKrCount] = []
+        by_key: dict[str, list[Contribution]] = {}
+        if recipe.lokrs:
+            lokr_files, lokr_counts, by_key = _match_lokrs(recipe, first, warnings)
+
+        # ---------------------------------------------------------- per-key decisions
+        items: list[PlanItem] = []
+        comps: dict[str | None, ComponentCount] = {c: ComponentCount() for c in LABELS}
+        restore = set(EMBEDDING_KEYS) if reference is not None else set()
+        cast_from: dict[str, int] = {}
+        kept: list[str] = []
+        for k in keys:
+            m = first.meta(k)
+            comp = component_of(k)
+            cc = comps[comp]
+            cc.keys += 1
+            deltas = by_key.get(k, [])
+            if not m.dtype.is_floating_point or k in PASSTHROUGH_KEYS or comp is None:
+                if deltas:  # pragma: no cover - LoKr targets are weights of known components
+                    raise CheckpointError(first.path, f"{k} cannot take a LoKr delta")
+                item = PlanItem(k, comp, m, "base", in_dtypes=(m.dtype,))
+            elif k in restore:
+                r = reference.meta(k)  # type: ignore[union-attr]
+                dtype = recipe.dtype if (deltas or cast_exact(r.dtype, recipe.dtype)) else r.dtype
+                if dtype != recipe.dtype:
+                    kept.append(k)
+                item = PlanItem(k, comp, TensorMeta(k, dtype, m.shape), "reference", deltas=deltas, in_dtypes=(r.dtype,))
+                cc.restored += 1
+            elif weights is not None:
+                item = PlanItem(
+                    k, comp, TensorMeta(k, recipe.dtype, m.shape), "bases", weighted=True, deltas=deltas,
+                    in_dtypes=tuple(s.meta(k).dtype for s in bases),
+                )
+                cc.summed += 1
+            else:
+                item = PlanItem(k, comp, TensorMeta(k, recipe.dtype, m.shape), "base", deltas=deltas, in_dtypes=(m.dtype,))
+                if not deltas and m.dtype != recipe.dtype:
+                    cc.cast += 1
+                    name = str(m.dtype).replace("torch.", "")
+                    cast_from[name] = cast_from.get(name, 0) + 1
+            if deltas:
+                cc.baked += 1
+            if item.verbatim:
+                cc.verbatim += 1
+            items.append(item)
+        if kept:
+            notes.append(
+                f"{len(kept)} restored embeddings keep the reference's {reference.meta(kept[0]).dtype} "  # type: ignore[union-attr]
+                f"(a cast to {DTYPE_NAMES[recipe.dtype]} would change their bits): {_few(kept, 4)}"
+            )
+        if cast_from:
+            notes.append(
+                f"{sum(cast_from.values())} untouched tensors are cast to {DTYPE_NAMES[recipe.dtype]} "
+                f"(from {', '.join(f'{v} {k}' for k, v in cast_from.items())}); pass --dtype to keep another"
+            )
+        pid = PREFIXES["text_encoder"] + "text_model.embeddings.position_ids"
+        if pid in keyset and first.meta(pid).dtype.is_floating_point:
+            warnings.append(
+                f"{first.path.name}: {pid} is stored as {first.meta(pid).dtype} (a known merger bug that makes CLIP "
+                "ignore tokens); copied as it is"
+            )
+        if not comps[None].keys:
+            del comps[None]
+        output_bytes = sum(it.out.nbytes for it in items)
+        plan = MergePlan(
+            recipe=recipe,
+            bases=bases,
+            reference=reference,
+            lokr_files=lokr_files,
+            items=items,
+            weights=weights,
+            components=comps,
+            lokr_counts=lokr_counts,
+            warnings=warnings,
+            notes=notes,
+            output_bytes=output_bytes,
+            header_metadata={},
+            inflight_bytes=inflight_bytes,
+            workers=2 if recipe.workers is None else recipe.workers,
+        )
+        _check_free_space(plan)
+        plan.header_metadata = build_metadata(plan)
+        return plan
+    except BaseException:
+        for s in bases:
+            s.close()
+        if reference is not None:
+            reference.close()
+        raise
+
+
+def _check_free_space(plan: MergePlan) -> None:
+    folder = plan.recipe.out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # pragma: no cover
+        return
+    need = plan.output_bytes + (1 << 20)
+    if free < need:
+        raise CheckpointError(
+            plan.recipe.out, f"needs {fmt_bytes(need)} but only {fmt_bytes(free)} is free in {folder}",
+            "free some space or write elsewhere",
+        )
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _input_record(src_path: Path, size: int) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": src_path.name, "bytes": size}
+    if src_path.is_dir():
+        rec["format"] = "diffusers"
+    return rec
+
+
+def build_metadata(plan: MergePlan, hashes: dict[Path, Any] | None = None) -> dict[str, str]:
+    """``modelspec.*`` (so UIs recognise SDXL) and ``lokr_trainer.merge`` (the recipe that made it)."""
+    from lokr_trainer import __version__
+
+    recipe = plan.recipe
+    first = plan.bases[0]
+    meta: dict[str, str] = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.resolution": "1024x1024",
+    }
+    for k in _CARRIED_MODELSPEC:
+        if k in first.metadata:
+            meta[k] = first.metadata[k]
+    meta["modelspec.title"] = recipe.title or recipe.out.stem
+    meta["modelspec.date"] = datetime.date.today().isoformat()
+
+    def rec(path: Path, size: int) -> dict[str, Any]:
+        r = _input_record(path, size)
+        if hashes is not None and path in hashes:
+            r["sha256"] = hashes[path]
+        return r
+
+    merge: dict[str, Any] = {"version": __version__, "operations": plan.operations, "dtype": DTYPE_NAMES[recipe.dtype]}
+    merge["bases"] = []
+    for i, src in enumerate(plan.bases):
+        r = rec(src.path, src.size_bytes)
+        if plan.weights is not None:
+            r["weight"] = plan.weights[i]
+        merge["bases"].append(r)
+    if plan.reference is not None:
+        merge["restore_embeddings"] = {**rec(plan.reference.path, plan.reference.size_bytes), "keys": list(EMBEDDING_KEYS)}
+    if recipe.lokrs:
+        merge["lokrs"] = []
+        for spec, count in zip(recipe.lokrs, plan.lokr_counts):
+            r = rec(spec.path, spec.path.stat().st_size)
+            r["multiplier"] = spec.multiplier
+            r["modules_applied"] = count.modules
+            skipped = sum(len(v) for v in count.unmatched.values())
+            if skipped:
+                r["modules_skipped"] = skipped
+            merge["lokrs"].append(r)
+        merge["skip_unmatched"] = recipe.skip_unmatched
+    merge["keys"] = {
+        LABELS[c]: {k: v for k, v in vars(cc).items() if v} for c, cc in plan.components.items()
+    }
+    meta["lokr_trainer.version"] = __version__
+    meta["lokr_trainer.merge"] = json.dumps(merge, sort_keys=True, separators=(",", ":"))
+    meta.update({str(k): str(v) for k, v in recipe.extra_metadata.items()})
+    return meta
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def format_report(plan: MergePlan, *, peak: int | None = None) -> str:
+    """The human summary: inputs, operations, key accounting per component, memory."""
+    r = plan.recipe
+    lines = ["inputs:"]
+    for i, src in enumerate(plan.bases):
+        w = f"  weight {plan.weights[i]:g}" if plan.weights is not None else ""
+        kind = "  (diffusers folder)" if src.path.is_dir() else ""
+        lines.append(f"  base {i + 1}: {src.path}  {fmt_bytes(src.size_bytes)}{kind}{w}")
+    if plan.reference is not None:
+        lines.append(f"  restore embeddings from: {plan.reference.path}  ({len(EMBEDDING_KEYS)} keys)")
+    for spec, count in zip(r.lokrs, plan.lokr_counts):
+        lines.append(
+            f"  lokr: {spec.path}  {fmt_bytes(spec.path.stat().st_size)}  multiplier {spec.multiplier:g}  "
+            f"({count.modules} modules)"
+        )
+    lines.append(
+        f"output: {r.out}  {DTYPE_NAMES[r.dtype]}  {len(plan.items)} tensors  {fmt_bytes(plan.output_bytes)}"
+        + ("  (overwrite)" if r.out.exists() else "")
+    )
+    lines.append("operations: " + (" -> ".join(plan.operations) or f"none (copy, cast to {DTYPE_NAMES[r.dtype]})"))
+    lines.append("")
+    head = f"{'keys':<8}{'total':>7}{'summed':>8}{'restored':>10}{'baked':>7}{'cast':>6}{'verbatim':>10}"
+    lines.append(head)
+    tot = ComponentCount()
+    for comp, cc in plan.components.items():
+        lines.append(
+            f"{LABELS[comp]:<8}{cc.keys:>7}{cc.summed:>8}{cc.restored:>10}{cc.baked:>7}{cc.cast:>6}{cc.verbatim:>10}"
+        )
+        for f in vars(tot):
+            setattr(tot, f, getattr(tot, f) + getattr(cc, f))
+    lines.append(
+        f"{'all':<8}{tot.keys:>7}{tot.summed:>8}{tot.restored:>10}{tot.baked:>7}{tot.cast:>6}{tot.verbatim:>10}"
+    )
+    if r.lokrs:
+        lines.append("")
+        lines.append(f"{'LoKr modules':<40}{'UNet':>7}{'TE1':>7}{'TE2':>7}{'unmatched':>11}")
+        for spec, count in zip(r.lokrs, plan.lokr_counts):
+            name = spec.path.name if len(spec.path.name) <= 38 else "…" + spec.path.name[-37:]
+            um = sum(len(v) for v in count.unmatched.values())
+            lines.append(
+                f"{name:<40}"
+                + "".join(f"{count.applied.get(c, 0):>7}" for c in ("unet", "text_encoder", "text_encoder_2"))
+                + f"{um:>11}"
+            )
+            for comp, names in count.unmatched.items():
+                lines.append(f"    unmatched {LABELS.get(comp, comp)}: {_few(names, 4)}")
+    if peak is not None:
+        lines.append("")
+        lines.append(
+            f"expected peak memory: {fmt_bytes(peak)} (LoKr tensors {fmt_bytes(sum(c.resident_bytes for c in plan.lokr_counts))}, "
+            f"tensors in flight <= {fmt_bytes(plan.pipeline_bytes())}, "
+            f"largest tensor job {fmt_bytes(plan.max_item_cost())})"
+        )
+    for n in plan.notes:
+        lines.append(f"note: {n}")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
