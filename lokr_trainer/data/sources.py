@@ -29,6 +29,8 @@ import json
 import logging
 import os
 import re
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -261,6 +263,32 @@ def _require_webdataset() -> None:
         ) from None
 
 
+_KEY_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
+
+
+def _group_members(fileobj: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream a tar file as webdataset samples: consecutive members sharing a key (name up to the
+    first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        for info in tf:
+            if not info.isreg():
+                continue
+            m = _KEY_EXT.match(info.name)
+            if m is None or "/__" in "/" + info.name:
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            f = tf.extractfile(info)
+            data = f.read() if f is not None else b""
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current["__key__"], current
+                current = {"__key__": key}
+            current[ext] = data
+    if current is not None:
+        yield current["__key__"], current
+
+
 def sample_from_members(members: Mapping[str, Any], where: str, keep_tokens: int = 0) -> SampleRecord | None:
     """Turn one webdataset sample (``{"__key__": ..., "jpg": bytes, "json": bytes, ...}``) into a record.
 
@@ -308,7 +336,6 @@ class WebDatasetSource:
 
     def iter_shards(self, shards: Iterable[str]) -> Iterator[SampleRecord]:
         import webdataset as wds
-        from webdataset import tariterators
 
         for url in shards:
             try:
@@ -316,30 +343,21 @@ class WebDatasetSource:
             except Exception as e:  # noqa: BLE001 - any transport error: skip the shard
                 self._bad(url, e)
                 continue
-            errors: list[Exception] = []
-
-            def handler(exn: Exception) -> bool:
-                errors.append(exn)
-                return False  # stop this shard, keep the run
-
             try:
-                files = tariterators.tar_file_iterator(stream, handler=handler)
-                for members in tariterators.group_by_keys(files, handler=handler):
+                for key, members in _group_members(stream):
                     rec = sample_from_members(members, url, self.keep_tokens)
                     if rec is None:
                         self.missing_image += 1
-                        logger.warning("%s: sample %r has no image member; skipped", url, members.get("__key__"))
+                        logger.warning("%s: sample %r has no image member; skipped", url, key)
                         continue
                     yield rec
-            except Exception as e:  # noqa: BLE001 - tarfile errors are varied; never stop the run
-                errors.append(e)
+            except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+                self._bad(url, e)  # corrupt or cut-off shard: keep what was read, skip the rest
             finally:
                 try:
                     stream.close()
                 except Exception:  # noqa: BLE001
                     pass
-            if errors:
-                self._bad(url, errors[0])
 
     def _bad(self, url: str, err: Exception) -> None:
         self.bad_shards.append(url)
