@@ -136,5 +136,10 @@ def assert_rounded_once(out: torch.Tensor, oracle: torch.Tensor, *, tol: float =
     )
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor, for bit-identity checks (-0.0 != 0.0, nan == same nan)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def files_in(folder: str | Path) -> list[str]:
     return sorted(os.listdir(folder))

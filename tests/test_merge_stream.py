@@ -1,0 +1,128 @@
+"""Tensor sources and the ordered pipeline of the streaming merge."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from test_merge_support import read_all
+
+from lokr_trainer.errors import CheckpointError
+from lokr_trainer.merge.stream import DiffusersFolderSource, SafetensorsSource, file_sha256, open_source, ordered_map
+
+
+def test_safetensors_source_reads_what_safetensors_reads(tiny_sdxl):
+    ref, meta = read_all(tiny_sdxl.single_file)
+    src = SafetensorsSource(tiny_sdxl.single_file)
+    try:
+        assert set(src.keys()) == set(ref) and src.metadata == meta
+        starts = [src.info(k).start for k in src.keys()]
+        assert starts == sorted(starts)  # on-disk order: sequential reads
+        for k in src.keys():
+            t = src.read(k)
+            assert t.dtype == ref[k].dtype and t.shape == ref[k].shape and torch.equal(t, ref[k]), k
+            assert src.meta(k).nbytes == t.numel() * t.element_size()
+    finally:
+        src.close()
+
+
+def test_diffusers_folder_source_equals_the_single_file(tiny_sdxl):
+    """The folder, converted key by key without diffusers, gives the single file's keys and bits."""
+    ref, _ = read_all(tiny_sdxl.single_file)
+    src = open_source(tiny_sdxl.diffusers_dir)
+    assert isinstance(src, DiffusersFolderSource)
+    try:
+        assert set(src.keys()) == set(ref)
+        for k in src.keys():
+            m, t = src.meta(k), src.read(k)
+            assert (m.dtype, m.shape) == (ref[k].dtype, tuple(ref[k].shape)), k
+            assert t.dtype == ref[k].dtype and t.shape == ref[k].shape, k
+            assert torch.equal(t, ref[k]), k  # q/k/v stacking, text_projection transpose, VAE 1x1 convs
+        assert src.size_bytes == sum(f.stat().st_size for f in src.files())
+    finally:
+        src.close()
+
+
+def test_diffusers_folder_with_fp16_variant_and_missing_parts(tiny_sdxl, tmp_path):
+    folder = tmp_path / "variant"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    src = open_source(folder)
+    src.close()
+    shutil.copy(unet / "diffusion_pytorch_model.fp16.safetensors", unet / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(CheckpointError, match="several weight variants"):
+        open_source(folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(CheckpointError, match="vae"):
+        open_source(folder)
+
+
+def test_pickle_and_missing_inputs_are_refused(tmp_path):
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_source(tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        open_source(tmp_path / "nope.safetensors")
+
+
+def test_file_sha256(tmp_path):
+    import hashlib
+
+    p = tmp_path / "f.bin"
+    data = bytes(range(256)) * 5000
+    p.write_bytes(data)
+    seen = []
+    assert file_sha256([p], seen.append, chunk=4096) == hashlib.sha256(data).hexdigest()
+    assert sum(seen) == len(data)
+
+
+def test_ordered_map_keeps_order_and_bounds_memory():
+    lock = threading.Lock()
+    state = {"inflight": 0, "peak": 0}
+    costs = [30, 10, 50, 20, 40, 10, 10, 60, 5, 25] * 3
+
+    def fn(i):
+        with lock:
+            state["inflight"] += costs[i]
+            state["peak"] = max(state["peak"], state["inflight"])
+        time.sleep(0.002 * (i % 3))  # finish out of order
+        return i
+
+    out = []
+    for i in ordered_map(fn, range(len(costs)), cost=lambda i: costs[i], workers=3, max_inflight_bytes=100):
+        out.append(i)
+        with lock:
+            state["inflight"] -= costs[i]  # the caller has taken (and "written") it
+    assert out == list(range(len(costs)))
+    assert state["peak"] <= 100
+    # one item larger than the budget still runs (alone)
+    assert list(ordered_map(lambda i: i, [0, 1], cost=lambda i: 1000, workers=2, max_inflight_bytes=10)) == [0, 1]
+
+
+def test_ordered_map_reraises_in_order_and_stops_on_close():
+    started = []
+
+    def fn(i):
+        started.append(i)
+        if i == 3:
+            raise ValueError("boom at 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="boom at 3"):
+        for x in ordered_map(fn, range(1000), cost=lambda i: 1, workers=2, max_inflight_bytes=4):
+            got.append(x)
+    assert got == [0, 1, 2]
+    assert max(started) < 20  # nothing far ahead was started
+
+    started.clear()
+    it = ordered_map(fn, range(4, 1000), cost=lambda i: 1, workers=2, max_inflight_bytes=4)
+    assert next(it) == 4
+    it.close()
+    n = len(started)
+    time.sleep(0.05)
+    assert len(started) == n and n < 20  # closed: no further work
