@@ -56,7 +56,7 @@ def oracle_delta(t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Te
         w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    delta = torch.kron(w1, w2)
+    delta = torch.kron(w1.contiguous(), w2.contiguous())
     if "lokr_w2_b" in f:
         rank = f["lokr_w2_b"].shape[0]
     elif "lokr_w1_b" in f:
