@@ -1,0 +1,211 @@
+"""Bad input stops the merge before anything is written, naming the file and the key."""
+
+from __future__ import annotations
+
+import errno
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_merge_support import files_in, lokr_module, read_all, write_file, write_lokr_file
+
+from lokr_trainer.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptFileError,
+    NonFiniteResultError,
+    ShapeMismatchError,
+    UnmatchedModuleError,
+    WrongModelError,
+)
+from lokr_trainer.merge import bake_lokr, merge, weighted_sum
+from lokr_trainer.sdxl.keys import PREFIXES
+
+U, T2 = PREFIXES["unet"], PREFIXES["text_encoder_2"]
+TO_Q = U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_sdxl, tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge_errors")
+    tensors, meta = read_all(tiny_sdxl.single_file)
+    return SimpleNamespace(dir=d, path=tiny_sdxl.single_file, tensors=tensors, meta=meta)
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def _nothing_written(out_dir):
+    assert files_in(out_dir) == [], files_in(out_dir)  # no OUT, no temp file
+
+
+def test_bases_with_different_keys(base, out_dir, tmp_path):
+    t = dict(base.tensors)
+    del t[TO_Q]
+    t[U + "extra.weight"] = torch.zeros(2)
+    other = write_file(tmp_path / "other.safetensors", t)
+    with pytest.raises(CheckpointError) as e:
+        weighted_sum([base.path, other], out_dir / "o.safetensors", progress=False)
+    msg = str(e.value)
+    assert str(other) in msg and TO_Q in msg and "extra.weight" in msg
+    _nothing_written(out_dir)
+
+
+def test_bases_with_different_shapes(base, out_dir, tmp_path):
+    t = dict(base.tensors)
+    t[TO_Q] = torch.zeros(64, 32)
+    other = write_file(tmp_path / "other.safetensors", t)
+    with pytest.raises(ShapeMismatchError) as e:
+        weighted_sum([base.path, other], out_dir / "o.safetensors", progress=False)
+    assert str(other) in str(e.value) and TO_Q in str(e.value) and "[64, 32]" in str(e.value)
+    _nothing_written(out_dir)
+
+
+def test_weights_count_and_bad_values(base, out_dir):
+    with pytest.raises(ConfigError, match="3 weights for 2 bases"):
+        weighted_sum([base.path, base.path], out_dir / "o.safetensors", weights=[0.3, 0.3, 0.4], progress=False)
+    with pytest.raises(ConfigError, match="not finite"):
+        weighted_sum([base.path, base.path], out_dir / "o.safetensors", weights=[0.5, float("nan")], progress=False)
+    with pytest.raises(ConfigError, match="unknown output dtype"):
+        merge(out_dir / "o.safetensors", [base.path], dtype="fp8", progress=False)
+    _nothing_written(out_dir)
+
+
+def test_not_sdxl(base, out_dir, tmp_path):
+    sd15 = write_file(tmp_path / "sd15.safetensors", {"cond_stage_model.transformer.x": torch.zeros(2)})
+    with pytest.raises(WrongModelError, match="not an SDXL checkpoint"):
+        merge(out_dir / "o.safetensors", [sd15], progress=False)
+    no_vae = write_file(tmp_path / "novae.safetensors", {k: v for k, v in base.tensors.items() if not k.startswith("first_stage")})
+    with pytest.raises(CheckpointError, match=r"VAE \(first_stage_model"):
+        merge(out_dir / "o.safetensors", [no_vae], progress=False)
+    _nothing_written(out_dir)
+
+
+def test_lokr_module_missing_from_base_stops_unless_skipped(base, out_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mods = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": lokr_module((64, 64), g),
+        # the tiny UNet has 2 transformer blocks there and TE2 2 layers: these do not exist
+        "lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q": lokr_module((64, 64), g),
+        "lora_te2_text_model_encoder_layers_5_mlp_fc1": lokr_module((64, 32), g),
+    }
+    lokr = write_lokr_file(tmp_path / "l.safetensors", mods)
+    with pytest.raises(UnmatchedModuleError) as e:
+        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", progress=False)
+    msg = str(e.value)
+    assert str(lokr) in msg and "2 LoKr modules" in msg
+    assert "transformer_blocks_7_attn1_to_q" in msg and "lora_te2_text_model_encoder_layers_5_mlp_fc1" in msg
+    assert "TE2:" in msg and "--skip-unmatched" in msg
+    _nothing_written(out_dir)
+
+    res = bake_lokr(base.path, [lokr], out_dir / "o.safetensors", skip_unmatched=True, progress=False)
+    assert any("skipping 2 modules" in w for w in res.warnings)
+    count = res.lokr_counts[0]
+    assert count.modules == 1 and count.applied == {"unet": 1}
+    assert {c: len(v) for c, v in count.unmatched.items()} == {"unet": 1, "text_encoder_2": 1}
+    assert "unmatched TE2: lora_te2_text_model_encoder_layers_5_mlp_fc1" in res.report
+    assert files_in(out_dir) == ["o.safetensors"]
+
+
+def test_non_lokr_modules_are_unmatched(base, out_dir, tmp_path):
+    lokr = write_file(tmp_path / "lora.safetensors", {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
+    })
+    with pytest.raises(UnmatchedModuleError, match="not a LoKr module"):
+        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", progress=False)
+    _nothing_written(out_dir)
+
+
+def test_lokr_shape_mismatch(base, out_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lokr = write_lokr_file(tmp_path / "l.safetensors", {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": lokr_module((128, 64), g),
+    })
+    with pytest.raises(ShapeMismatchError) as e:
+        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", skip_unmatched=True, progress=False)
+    msg = str(e.value)
+    assert str(lokr) in msg and "attn1_to_q" in msg and TO_Q in msg and "[64, 64]" in msg
+    _nothing_written(out_dir)
+
+
+def test_non_finite_result_leaves_nothing(base, out_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mod = lokr_module((64, 64), g, mode="full")
+    mod["lokr_w2"] = mod["lokr_w2"] * 0 + 1e4  # |ΔW| ~ 1e3 .. 1e4 x w1: overflows fp16 at multiplier 100
+    lokr = write_lokr_file(tmp_path / "big.safetensors", {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": mod})
+    with pytest.raises(NonFiniteResultError) as e:
+        bake_lokr(base.path, [(lokr, 100.0)], out_dir / "o.safetensors", dtype="fp16", progress=False)
+    msg = str(e.value)
+    assert TO_Q in msg and "big.safetensors" in msg and "inf/nan" in msg and "bf16/fp32" in msg
+    _nothing_written(out_dir)
+    bake_lokr(base.path, [(lokr, 100.0)], out_dir / "o.safetensors", dtype="fp32", progress=False)  # fine in fp32
+
+
+def test_existing_output_needs_overwrite_and_output_is_not_an_input(base, out_dir):
+    out = out_dir / "o.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        merge(out, [base.path], progress=False)
+    assert out.read_bytes() == b"keep me" and files_in(out_dir) == ["o.safetensors"]
+    merge(out, [base.path], overwrite=True, progress=False)
+    assert set(read_all(out)[0]) == set(base.tensors)
+    with pytest.raises(CheckpointError, match="is also an input"):
+        merge(out, [out], overwrite=True, progress=False)
+
+
+def test_full_disk_while_writing_leaves_no_file(base, out_dir, monkeypatch):
+    """ENOSPC in the middle of the data: no OUT, no temp file, an existing OUT untouched."""
+    import lokr_trainer.safetensors_io as sio
+
+    real_fdopen = os.fdopen
+    calls = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] > 200:  # header and ~200 tensors went through
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(sio.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    with pytest.raises(OSError) as e:
+        merge(out_dir / "o.safetensors", [base.path, base.path], weights=[0.5, 0.5], progress=False)
+    assert e.value.errno == errno.ENOSPC and calls["n"] > 200
+    _nothing_written(out_dir)
+    old = out_dir / "old.safetensors"
+    old.write_bytes(b"previous")
+    calls["n"] = 0
+    with pytest.raises(OSError):
+        merge(old, [base.path], overwrite=True, progress=False)
+    assert files_in(out_dir) == ["old.safetensors"] and old.read_bytes() == b"previous"
+
+
+def test_corrupt_and_missing_inputs(base, out_dir, tmp_path):
+    bad = tmp_path / "trunc.safetensors"
+    bad.write_bytes(base.path.read_bytes()[: 100_000])
+    with pytest.raises(CorruptFileError, match="trunc.safetensors"):
+        merge(out_dir / "o.safetensors", [bad], progress=False)
+    with pytest.raises(CheckpointError, match="LoKr file not found"):
+        bake_lokr(base.path, [tmp_path / "nope.safetensors"], out_dir / "o.safetensors", progress=False)
+    with pytest.raises(CheckpointError, match="reference has no"):
+        merge(out_dir / "o.safetensors", [base.path], restore_embeddings=write_file(tmp_path / "r.safetensors", {"x": torch.zeros(1)}),
+              progress=False)
+    _nothing_written(out_dir)
