@@ -222,3 +222,32 @@ def test_bad_images_do_not_stop_a_run_and_are_logged_and_counted(bad_dir, caplog
     for name in ("empty", "not_image", "bomb", "truncated"):
         assert str(bad_dir[name]) in caplog.text
         assert sum(str(bad_dir[name]) in m for m in caplog.messages) == 1  # logged once, not every epoch
+
+
+def test_dataset_time_ids_are_the_real_original_size_and_crop(tmp_path: Path) -> None:
+    d = tmp_path / "ds"
+    d.mkdir()
+    sizes = [(300, 200), (200, 300), (257, 255), (640, 160)]
+    for i, (w, h) in enumerate(sizes):
+        noise_image(w, h, i).save(d / f"{i}.png")
+    bs = BucketSet.from_config(BucketConfig(resolution=128, step=64, min_side=64, max_side=512))
+    index = index_records(FolderSource(d), bs, progress=False)
+    ds = BucketDataset(index, image=ImageConfig(crop="random", flip_prob=0.5), seed=4)
+    flips = set()
+    for i, rec in enumerate(index.records):
+        w, h = sizes[int(Path(rec.path).stem)]
+        s = ds[(0, i)]
+        plan = s["plan"]
+        assert (plan.orig_w, plan.orig_h) == (w, h) and plan.bucket == index.bucket_of(i)
+        assert tuple(int(x) for x in s["time_ids"]) == (h, w, plan.crop_top, plan.crop_left, plan.bucket.height,
+                                                          plan.bucket.width)  # fmt: skip
+        assert s["pixel_values"].shape == (3, plan.bucket.height, plan.bucket.width)
+        # same (seed, epoch, index) → same crop, flip, pixels and caption; other epochs draw anew
+        again = ds[(0, i)]
+        assert again["plan"] == plan and torch.equal(again["pixel_values"], s["pixel_values"])
+        assert again["caption"] == s["caption"]
+        plans = {ds[(e, i)]["plan"] for e in range(12)}
+        flips |= {p.flip for p in plans}
+        if plan.resized_w - plan.bucket.width + plan.resized_h - plan.bucket.height > 8:
+            assert len({(p.left, p.top) for p in plans}) > 1
+    assert flips == {False, True}
