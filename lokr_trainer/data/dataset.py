@@ -85,17 +85,20 @@ def index_records(
 
     kept: list[SampleRecord] = []
     sizes: list[tuple[int, int]] = []
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = pool.map(probe, recs)
-        for rec, res in tqdm(
-            zip(recs, results), total=len(recs), desc="reading image sizes", disable=not progress, unit="img"
-        ):
-            if isinstance(res, BadImageError):
-                skip_log.add_error(res)
-                continue
-            rec.width, rec.height = res
-            kept.append(rec)
-            sizes.append(res)
+    chunk = 4096  # bounded number of pending futures, even for millions of records
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, tqdm(
+        total=len(recs), desc="reading image sizes", disable=not progress, unit="img"
+    ) as bar:
+        for start in range(0, len(recs), chunk):
+            part = recs[start : start + chunk]
+            for rec, res in zip(part, pool.map(probe, part)):
+                if isinstance(res, BadImageError):
+                    skip_log.add_error(res)
+                    continue
+                rec.width, rec.height = res
+                kept.append(rec)
+                sizes.append(res)
+            bar.update(len(part))
     if not kept:
         raise DataError(f"no usable image among {len(recs)} records ({skip_log.summary()})")
     return IndexedRecords(kept, bucket_set.assign_many(sizes), bucket_set)
