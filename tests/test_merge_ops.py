@@ -94,3 +94,13 @@ def test_cast_exact():
     assert cast_exact(torch.float16, torch.float16)
     assert not cast_exact(torch.float32, torch.float16)
     assert not cast_exact(torch.float16, torch.bfloat16) and not cast_exact(torch.bfloat16, torch.float16)
+
+
+def test_large_finite_values_are_not_mistaken_for_overflow():
+    """The fast check sums each slice; a finite bf16/fp32 slice whose sum overflows must still pass."""
+    big = torch.full((2500,), 3.0e38, dtype=torch.bfloat16)
+    out = combine([big], None, [], torch.bfloat16)
+    assert torch.equal(out, big)
+    x = torch.full((2500,), 3.0e38)
+    x[1::2] = -3.0e38
+    assert torch.equal(combine([x], None, [], torch.float32), x)

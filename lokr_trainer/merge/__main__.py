@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lokr_trainer.merge import run_recipe
     from lokr_trainer.merge.plan import fmt_bytes
     from lokr_trainer.merge.recipe import LoKrInput, Recipe
+    from lokr_trainer.merge.stream import tune_malloc
+
+    tune_malloc()  # reuse freed tensor memory instead of faulting in fresh pages per tensor
 
     values = {
         "out": args.out,

@@ -68,6 +68,8 @@ def compute_item(plan: MergePlan, item: PlanItem) -> tuple[str, torch.Tensor]:
         else:
             deltas = [Delta(c.module.delta_weight(c.shape), c.multiplier, c.offset) for c in item.deltas]
             out = combine(inputs, weights, deltas, item.out.dtype, check_finite=check)
+        for c in item.deltas:  # each module lands on one tensor: its factors are no longer needed
+            c.module.tensors.clear()
     except NonFiniteResult as e:
         hint = "lower the multiplier or weights"
         if item.out.dtype == torch.float16:

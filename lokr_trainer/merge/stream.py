@@ -47,6 +47,7 @@ __all__ = [
     "file_sha256",
     "open_source",
     "ordered_map",
+    "tune_malloc",
 ]
 
 
@@ -346,6 +347,38 @@ def open_source(path: str | Path) -> SafetensorsSource | DiffusersFolderSource:
             "convert it first (e.g. load_sdxl(..., allow_pickle=True) then save_sdxl)",
         )
     return SafetensorsSource(path)
+
+
+# --------------------------------------------------------------------------- allocator
+
+
+def tune_malloc() -> bool:
+    """Keep freed tensor memory in the process for the next tensor (glibc only).
+
+    Why: glibc serves every allocation above a (dynamic, at most 32 MB)
+    threshold with a fresh ``mmap`` and unmaps it on free, so each large
+    tensor costs one page fault per 4 KiB (~0.3 ns/byte here); for a 7 GB
+    bake that was half of all CPU time.  With one arena, no mmap below 1 GiB
+    and no trimming, the same heap pages are reused tensor after tensor; peak
+    RSS went down, not up (the pipeline bounds what is live).  The setting
+    is process-wide and permanent, so the CLI calls this and library callers
+    decide for themselves.  Returns False where it does nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # pragma: no cover
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+    ok &= libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    ok &= libc.mallopt(m_arena_max, 1) == 1
+    return bool(ok)
 
 
 # --------------------------------------------------------------------------- hashing
