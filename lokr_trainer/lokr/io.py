@@ -254,6 +254,8 @@ class LoKrFile:
     path: Path | None
     modules: dict[str, LoKrModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
+    #: "name (reason)" of modules left out with ``skip_unknown=True``.
+    skipped: list[str] = field(default_factory=list)
 
     def component(self, component: str) -> dict[str, LoKrModuleWeights]:
         prefix = LOKR_PREFIX[component]
@@ -312,19 +314,20 @@ def load_lokr(
             module.validate(path)
             modules[name] = module
             origin[name] = raw_name
-    problems = []
+    problems: list[str] = []
     if foreign:
         problems.append(f"{len(foreign)} modules are not LoKr (LoRA/LoHa/other): {', '.join(sorted(foreign)[:8])}")
     if unknown:
         problems.append(f"{len(unknown)} module names match no SDXL module: {'; '.join(sorted(unknown)[:8])}")
+    msg = "; ".join(problems)
+    if not modules:
+        raise CorruptFileError(path, "no usable LoKr module in this file" + (f": {msg}" if msg else " (no lokr_w1/lokr_w1_a tensors)"))
     if problems:
-        msg = "; ".join(problems)
         if not skip_unknown:
             raise CorruptFileError(path, msg, "pass skip_unknown=True to load the rest and skip these")
         logger.warning("%s: skipping %s", path, msg)
-    if not modules:
-        raise CorruptFileError(path, "no LoKr module in this file (no lokr_w1/lokr_w1_a tensors)")
-    return LoKrFile(path=path, modules=modules, metadata=metadata)
+    skipped = [f"{n} (not a LoKr module)" for n in sorted(foreign)] + sorted(unknown)
+    return LoKrFile(path=path, modules=modules, metadata=metadata, skipped=skipped)
 
 
 def write_lokr(
