@@ -301,6 +301,18 @@ def test_dokr_wrapped_equals_lycoris_magnitude_formula(models, inputs, tmp_path,
     assert max_diff(got["rebuild"], want) <= 1e-5 and max_diff(got["merged"], want) <= 1e-5
 
 
+def test_attaching_twice_is_an_error_until_removed(models, inputs, tiny_models):
+    net = attach_lokr(models, LoKrConfig(targets="attn"))
+    with pytest.raises(ConfigError, match="already has a LoKr"):
+        attach_lokr(models, LoKrConfig(targets="attn"))
+    net.remove()
+    again = attach_lokr(models, LoKrConfig(targets="attn"))
+    randomize(again, seed=13)
+    again.remove()
+    with torch.no_grad():
+        assert torch.equal(run(models, inputs)["unet"], run(tiny_models, inputs)["unet"])
+
+
 def test_dropout_settings_pin_the_forward_mode(models):
     net = attach_lokr(models, LoKrConfig(targets="attn", dropout=0.1))
     assert set(net.forward_modes().values()) == {"bypass"}
@@ -321,6 +333,11 @@ def test_save_load_save_is_identical(models, tiny_models, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert json.loads(meta["ss_network_args"])["algo"] == "lokr"
     assert LoKrConfig.from_dict(json.loads(meta["lokr_trainer.lokr_config"])) == cfg
+
+    # transformers 5's CLIPTextModel has no text_model level; the file names keep it (UIs need it)
+    assert not hasattr(models.text_encoder, "text_model")
+    te1_names = {k.split(".")[0] for k in load_file(str(p1)) if k.startswith("lora_te1_")}
+    assert len(te1_names) == 18 and all(n.startswith("lora_te1_text_model_encoder_layers_") for n in te1_names)
 
     fresh = SimpleNamespace(**{a: copy.deepcopy(getattr(tiny_models, a)) for a in ("unet", "text_encoder", "text_encoder_2")})
     net2 = attach_lokr(fresh, cfg)

@@ -252,3 +252,16 @@ def test_write_is_atomic_on_failure(tmp_path):
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["o.safetensors"]
     assert math.isclose(float(load_file(str(out))[f"{Q}.lokr_w1"][0, 0]), 1.0)
+
+
+def test_reading_adapters_imports_no_model_library():
+    """The merge tool reads LoKr files through this package; it must stay free of diffusers/transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lokr_trainer.lokr import load_lokr, lokr_name_to_sdxl_key, LoKrModuleWeights; "
+        "print(sorted(m for m in ('diffusers', 'transformers', 'lycoris') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

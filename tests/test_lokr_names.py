@@ -151,3 +151,27 @@ def test_tiny_table_and_layout():
         UNET + "output_blocks.2.2.conv.weight",
         None,
     )
+
+
+def test_names_follow_the_consumer_key_rules():
+    """The rules ComfyUI and A1111 map SDXL LoKr names by (research/lycoris.md §4), written out here."""
+    import re
+
+    keys = sdxl_base_keys()
+    # ComfyUI: lora_unet_<LDM key without .weight, dots -> underscores> for every diffusion_model weight
+    comfy_unet = {"lora_unet_" + k[len(UNET) : -len(".weight")].replace(".", "_") for k in keys if k.startswith(UNET)}
+    # ComfyUI: lora_te{1,2}_text_model_encoder_layers_{b}_{c}, b < 32, c in q/k/v/out_proj, mlp_fc1/2
+    parts = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+    comfy_te = {f"lora_te{i}_text_model_encoder_layers_{b}_{c}" for i in (1, 2) for b in range(32) for c in parts}
+    # A1111: TE2 by regex onto open_clip resblocks; TE1 by the lora_te1_text_model substring
+    a1111_te2 = re.compile(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)")
+    for e in sdxl_module_table().entries:
+        if e.component == "unet":
+            assert e.lokr_name in comfy_unet
+        else:
+            assert e.lokr_name in comfy_te
+            if e.component == "te2":
+                m = a1111_te2.fullmatch(e.lokr_name)
+                assert m and int(m.group(1)) < 32 and m.group(2) in parts
+            else:
+                assert "lora_te1_text_model" in e.lokr_name

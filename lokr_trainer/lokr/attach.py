@@ -136,17 +136,24 @@ class LoKrNetwork(nn.Module):
             self.settings[entry.lokr_name] = s
             self._targets[entry.lokr_name] = org
             self._slots[entry.lokr_name] = fwd.LoKrSlot(lyco, s.forward_mode, self._state)
+        self._install()
         for attr in ("unet", "text_encoder", "text_encoder_2", "vae"):
             model = getattr(models, attr, None)
             if isinstance(model, nn.Module):
                 model.requires_grad_(False)
-        self._install()
 
     # -- hooks ---------------------------------------------------------------------------
 
     def _install(self) -> None:
-        for name, slot in self._slots.items():
-            fwd.install(self._targets[name], slot)
+        done = []
+        try:
+            for name, slot in self._slots.items():
+                fwd.install(self._targets[name], slot)
+                done.append(name)
+        except BaseException:
+            for name in done:
+                fwd.uninstall(self._targets[name])
+            raise
         self._attached = True
 
     def remove(self) -> None:

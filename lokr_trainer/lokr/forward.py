@@ -175,6 +175,11 @@ class LoKrSlot:
 
 def install(module: torch.nn.Module, slot: Callable[..., torch.Tensor]) -> None:
     """Route ``module``'s calls through ``slot`` (an instance attribute shadows the class forward)."""
+    if isinstance(module.__dict__.get("forward"), LoKrSlot):
+        raise ConfigError(
+            f"{slot.lyco.lora_name if isinstance(slot, LoKrSlot) else module}: this module already has a LoKr "
+            "attached; call network.remove() (or merge_into_models()) on the first network before attaching another"
+        )
     if "forward" in module.__dict__:
         module.__dict__["_lokr_prev_forward"] = module.__dict__["forward"]
     module.forward = slot  # type: ignore[method-assign]
