@@ -159,36 +159,27 @@ def test_existing_output_needs_overwrite_and_output_is_not_an_input(base, out_di
         merge(out, [out], overwrite=True, progress=False)
 
 
-def test_full_disk_while_writing_leaves_no_file(base, out_dir, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_full_disk_while_writing_leaves_no_file(base, out_dir, monkeypatch, direct):
     """ENOSPC in the middle of the data: no OUT, no temp file, an existing OUT untouched."""
-    import lokr_trainer.safetensors_io as sio
+    from lokr_trainer.merge import stream
 
-    real_fdopen = os.fdopen
+    monkeypatch.setattr(stream, "STAGING_BYTES", 256 << 10)  # ~90 writes for the tiny SDXL
+    if not direct:
+        monkeypatch.setattr(stream, "_enable_direct", lambda fd: False)
+    real = stream._write_all
     calls = {"n": 0}
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
+    def full_disk(fd, view):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, view)
 
-        def write(self, data):
-            calls["n"] += 1
-            if calls["n"] > 200:  # header and ~200 tensors went through
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    monkeypatch.setattr(sio.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(stream, "_write_all", full_disk)
     with pytest.raises(OSError) as e:
         merge(out_dir / "o.safetensors", [base.path, base.path], weights=[0.5, 0.5], progress=False)
-    assert e.value.errno == errno.ENOSPC and calls["n"] > 200
+    assert e.value.errno == errno.ENOSPC and calls["n"] == 41
     _nothing_written(out_dir)
     old = out_dir / "old.safetensors"
     old.write_bytes(b"previous")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_merge_support import read_all
+from test_merge_support import files_in, read_all
 
 from lokr_trainer.errors import CheckpointError
 from lokr_trainer.merge.stream import DiffusersFolderSource, SafetensorsSource, file_sha256, open_source, ordered_map
@@ -126,3 +126,64 @@ def test_ordered_map_reraises_in_order_and_stops_on_close():
     n = len(started)
     time.sleep(0.05)
     assert len(started) == n and n < 20  # closed: no further work
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered", "refused_at_write"])
+def test_write_stream_gives_write_safetensors_bytes(tmp_path, monkeypatch, mode):
+    """Direct I/O, buffered, and a file system that refuses O_DIRECT only at write(): same bytes."""
+    import errno
+
+    from lokr_trainer.merge import stream
+    from lokr_trainer.safetensors_io import PlannedTensor, write_safetensors
+
+    monkeypatch.setattr(stream, "STAGING_BYTES", 64 << 10)  # tensors straddle buffers
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(300, 77, generator=g).half(),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.randn(100_000, generator=g),  # > one buffer
+        "d": torch.tensor(2.5, dtype=torch.bfloat16),
+        "e": torch.empty(0, 3),
+    }
+    plan = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    meta = {"x": "y"}
+    want = write_safetensors(tmp_path / "ref.safetensors", plan, iter(tensors.items()), meta)
+    if mode == "buffered":
+        monkeypatch.setattr(stream, "_enable_direct", lambda fd: False)
+    seen = {"direct": None}
+    real_init = stream._StagedFile.__init__
+
+    def init(self, fd, direct=True):
+        real_init(self, fd, direct)
+        seen["direct"] = self.direct
+
+    monkeypatch.setattr(stream._StagedFile, "__init__", init)
+    if mode == "refused_at_write":
+        real = stream._write_all
+
+        def refuse_once(fd, view):
+            if not seen.get("refused"):
+                seen["refused"] = True
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, view)
+
+        monkeypatch.setattr(stream, "_write_all", refuse_once)
+    written = []
+    got = stream.write_stream(tmp_path / "got.safetensors", plan, iter(tensors.items()), meta, progress=written.append)
+    assert got.read_bytes() == want.read_bytes()
+    assert written == [v.numel() * v.element_size() for v in tensors.values()]
+    assert files_in(tmp_path) == ["got.safetensors", "ref.safetensors"]
+    if mode == "buffered":
+        assert seen["direct"] is False
+
+
+def test_write_stream_checks_the_plan(tmp_path):
+    from lokr_trainer.merge.stream import write_stream
+    from lokr_trainer.safetensors_io import PlannedTensor
+
+    plan = [PlannedTensor("a", torch.float16, (2,)), PlannedTensor("b", torch.float16, (2,))]
+    with pytest.raises(CheckpointError, match="does not match the planned"):
+        write_stream(tmp_path / "o.safetensors", plan, iter([("a", torch.zeros(2, dtype=torch.float16)), ("b", torch.zeros(3))]))
+    with pytest.raises(CheckpointError, match="ran out of tensors"):
+        write_stream(tmp_path / "o.safetensors", plan, iter([("a", torch.zeros(2, dtype=torch.float16))]))
+    assert files_in(tmp_path) == []

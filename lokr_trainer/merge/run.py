@@ -2,8 +2,8 @@
 
 Worker threads read the inputs of the next few output tensors and do the
 fp32 arithmetic while the calling thread writes finished tensors, in order,
-into a temporary file beside the output (``safetensors_io.write_safetensors``:
-fsync, then rename).  Any error, including a full disk or Ctrl-C, removes the
+into a temporary file beside the output (``stream.write_stream``: direct
+I/O where possible, fsync, then rename).  Any error, including a full disk or Ctrl-C, removes the
 temporary file, so OUT is either complete or untouched.
 """
 
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from lokr_trainer.errors import NonFiniteResultError
 from lokr_trainer.merge.ops import Delta, NonFiniteResult, combine
 from lokr_trainer.merge.plan import MergePlan, PlanItem, build_metadata, fmt_bytes
-from lokr_trainer.merge.stream import file_sha256, ordered_map
-from lokr_trainer.safetensors_io import PlannedTensor, write_safetensors
+from lokr_trainer.merge.stream import file_sha256, ordered_map, write_stream
+from lokr_trainer.safetensors_io import PlannedTensor
 
 logger = logging.getLogger("lokr_trainer.merge")
 
@@ -158,7 +158,7 @@ def execute(plan: MergePlan, *, progress: bool = True, torch_threads: int | None
         max_inflight_bytes=plan.inflight_bytes,
     )
     try:
-        write_safetensors(recipe.out, layout, results, plan.header_metadata, overwrite=recipe.overwrite, progress=written)
+        write_stream(recipe.out, layout, results, plan.header_metadata, overwrite=recipe.overwrite, progress=written)
     finally:
         results.close()  # stop the workers before anything else happens (error or not)
         bar.close()

@@ -15,21 +15,31 @@ without building any network.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
+import tempfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
 from lokr_trainer.errors import CheckpointError, CorruptFileError, KeyMapError, MissingComponentError
-from lokr_trainer.safetensors_io import SafetensorsHeader, TensorInfo, element_size, read_header
+from lokr_trainer.safetensors_io import (  # _header_bytes: the one place the header layout is written
+    PlannedTensor,
+    SafetensorsHeader,
+    TensorInfo,
+    _header_bytes,
+    element_size,
+    read_header,
+)
 from lokr_trainer.sdxl.keys import (
     PREFIXES,
     Layouts,
@@ -48,6 +58,7 @@ __all__ = [
     "open_source",
     "ordered_map",
     "tune_malloc",
+    "write_stream",
 ]
 
 
@@ -347,6 +358,177 @@ def open_source(path: str | Path) -> SafetensorsSource | DiffusersFolderSource:
             "convert it first (e.g. load_sdxl(..., allow_pickle=True) then save_sdxl)",
         )
     return SafetensorsSource(path)
+
+
+# --------------------------------------------------------------------------- writing
+
+#: Bytes staged per write; a multiple of every block size O_DIRECT may need.
+STAGING_BYTES = 32 << 20
+_ALIGN = 4096
+
+
+def _enable_direct(fd: int) -> bool:
+    """Switch ``fd`` to O_DIRECT where the OS and file system allow it."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        import fcntl
+
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    except OSError:
+        return False
+
+
+def _disable_direct(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+class _StagedFile:
+    """Sequential writes through one aligned buffer, with O_DIRECT when it works.
+
+    Why: on this class of machine writing through the page cache costs more
+    CPU (copies, reclaim) than the whole merge's arithmetic; ``dd oflag=direct``
+    copies SDXL in 4 s where ``cp`` takes 10 s.  Full buffers are written
+    straight to the device; the last one is padded to the block size and the
+    file truncated to its real length.  Falls back to ordinary writes when the
+    file system refuses O_DIRECT (tmpfs, some network and FUSE mounts).
+    """
+
+    def __init__(self, fd: int, direct: bool = True) -> None:
+        self.fd = fd
+        self.direct = direct and _enable_direct(fd)
+        self._map = mmap.mmap(-1, STAGING_BYTES)  # page-aligned, as O_DIRECT needs
+        self.buf = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.used = 0  # bytes staged, not yet written
+        self.flushed = 0  # bytes written to the file
+        self.size = 0  # bytes appended in all
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append the bytes of a uint8 tensor (copied by torch, outside the GIL)."""
+        n, pos = data.numel(), 0
+        while pos < n:
+            k = min(n - pos, STAGING_BYTES - self.used)
+            self.buf[self.used : self.used + k].copy_(data[pos : pos + k])
+            self.used += k
+            pos += k
+            if self.used == STAGING_BYTES:
+                self._flush(STAGING_BYTES)
+        self.size += n
+
+    def _flush(self, nbytes: int) -> None:
+        view = memoryview(self._map)[:nbytes]
+        try:
+            _write_all(self.fd, view)
+        except OSError as e:
+            if not (self.direct and e.errno == errno.EINVAL):
+                raise
+            # accepted at fcntl() time, refused at write() time: write through the page cache
+            _disable_direct(self.fd)
+            self.direct = False
+            os.lseek(self.fd, self.flushed, os.SEEK_SET)
+            _write_all(self.fd, view)
+        finally:
+            view.release()
+        self.flushed += nbytes
+        self.used = 0
+
+    def finish(self) -> None:
+        if self.used:
+            n = self.used
+            padded = -(-n // _ALIGN) * _ALIGN if self.direct else n
+            self.buf[n:padded].zero_()
+            self._flush(padded)
+            os.ftruncate(self.fd, self.size)
+
+    def close(self) -> None:
+        del self.buf
+        self._map.close()
+
+
+def write_stream(
+    path: str | Path,
+    plan: Sequence[PlannedTensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    direct: bool = True,
+) -> Path:
+    """``safetensors_io.write_safetensors`` with direct I/O: same contract, same bytes.
+
+    Tensors come in ``plan`` order and are checked against it; they go into
+    a temporary file beside ``path`` which is fsynced and renamed into place
+    only when complete; on any error (a full disk, Ctrl-C) it is removed.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(path, "output exists", "pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = torch.frombuffer(bytearray(_header_bytes(plan, metadata)), dtype=torch.uint8)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    staged: _StagedFile | None = None
+    try:
+        staged = _StagedFile(fd, direct)
+        staged.write(header)
+        it = iter(tensors)
+        for expected in plan:
+            try:
+                name, t = next(it)
+            except StopIteration:
+                raise CheckpointError(path, f"writer ran out of tensors before {expected.name!r}") from None
+            if name != expected.name or t.dtype != expected.dtype or tuple(t.shape) != expected.shape:
+                raise CheckpointError(
+                    path,
+                    f"tensor {name!r} {t.dtype}{list(t.shape)} does not match the planned "
+                    f"{expected.name!r} {expected.dtype}{list(expected.shape)}",
+                )
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                staged.write(t.reshape(-1).view(torch.uint8))
+            if progress is not None:
+                progress(t.numel() * t.element_size())
+            del t
+        staged.finish()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if staged is not None:
+            staged.close()
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (best effort; not every OS can open a folder)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- allocator
