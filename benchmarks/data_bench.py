@@ -4,11 +4,13 @@ Generates a few dozen illustration-like images of realistic size (about 2–8
 megapixels, as in danbooru dumps) as JPEG, PNG and WebP in a temporary folder,
 then runs the real pipeline (``BucketDataset``: decode, EXIF, colour
 conversion, bucket at 1024², resize-to-cover, centre crop, to tensor, caption)
-through a torch ``DataLoader`` with 0 (in-process), 1 and 2 worker processes.
+in one-bucket batches of 4 through a torch ``DataLoader`` with 0 (in-process),
+1 and 2 worker processes.
 
     python benchmarks/data_bench.py [--images 36] [--passes 2] [--workers 0 1 2]
 
-Numbers depend on the CPU; the GPU needs ~1.25–10 images/s per card for SDXL
+Wall-clock images/s depends on what else runs on the machine; CPU ms per image (all
+processes) does not, so ``cores / (CPU ms / 1000)`` is the rate on idle cores.  The GPU needs ~1.25–10 images/s per card for SDXL
 at 1024², so this says how many loader workers a run needs.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +28,9 @@ import torch
 from PIL import Image
 
 from lokr_trainer.data.buckets import BucketConfig, BucketSet
-from lokr_trainer.data.dataset import BucketDataset, ImageConfig, index_records
+from lokr_trainer.data.dataset import BucketDataset, ImageConfig, collate, index_records
 from lokr_trainer.data.images import DecodeOptions
+from lokr_trainer.data.sampler import BucketBatchSampler
 from lokr_trainer.data.sources import FolderSource
 
 SIZES = [(2048, 1536), (1536, 2048), (1200, 1800), (2480, 3508), (1920, 1080), (2000, 2000)]
@@ -55,19 +59,33 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
         (folder / f"{i:03d}.txt").write_text("1girl, solo, long_hair, smile, looking_at_viewer, outdoors")
 
 
-def run(ds: BucketDataset, workers: int, passes: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time of this process plus finished children (DataLoader workers are reaped per pass)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run(ds: BucketDataset, workers: int, passes: int, subset: list[int] | None = None) -> tuple[float, float]:
+    """(images/s wall clock, CPU milliseconds per image over all processes) for batches of 4.
+
+    Uses the training path: one-bucket batches from ``BucketBatchSampler``, collated in the workers.
+    """
+    ids = ds.index.bucket_ids
+    sampler = BucketBatchSampler(ids, batch_size=4, seed=0, shuffle=False)
+    batches = [b for b in sampler if subset is None or b[0][1] in subset]
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None
+        ds, batch_sampler=batches, collate_fn=collate, num_workers=workers, prefetch_factor=4 if workers else None
     )
     n = 0
     for _ in loader:  # warm-up pass: page cache, worker start-up, imports
         pass
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     for _ in range(passes):
-        for sample in loader:
-            assert "pixel_values" in sample
-            n += 1
-    return n / (time.perf_counter() - t0)
+        for batch in loader:
+            assert batch["pixel_values"] is not None
+            n += batch["size"]
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return n / wall, 1000.0 * cpu / n
 
 
 def main() -> None:
@@ -86,20 +104,24 @@ def main() -> None:
               f"cpus: {os.cpu_count()}")  # fmt: skip
         bs = BucketSet.from_config(BucketConfig(resolution=1024, step=64, min_side=256, max_side=4096))
         index = index_records(FolderSource(folder), bs, progress=False)
-        print(f"{'setting':<34}{'images/s':>10}")
+        print(f"load average before the run: {os.getloadavg()[0]:.2f} (other processes share these cores)")
+        print(f"{'setting':<34}{'images/s':>10}{'CPU ms/img':>12}")
+
+        def show(label: str, ds: BucketDataset, w: int) -> None:
+            rate, cpu_ms = run(ds, w, args.passes)
+            print(f"{label:<34}{rate:>10.2f}{cpu_ms:>12.1f}", flush=True)
+
         for draft in (True, False):
             ds = BucketDataset(index, image=ImageConfig(decode=DecodeOptions(jpeg_draft=draft)), seed=0)
             for w in args.workers:
-                label = f"workers={w}" + ("" if draft else ", no JPEG draft")
-                print(f"{label:<34}{run(ds, w, args.passes):>10.2f}", flush=True)
+                show(f"workers={w}" + ("" if draft else ", no JPEG draft"), ds, w)
             if not draft:
                 break
+        ds = BucketDataset(index, seed=0)
         for ext in ("jpg", "png", "webp"):
-            sub = [i for i, r in enumerate(index.records) if r.key.endswith(ext)]
-            ds = BucketDataset(index, seed=0)
-            part = torch.utils.data.Subset(ds, sub)
-            print(f"{'workers=0, only ' + ext:<34}{run(part, 0, args.passes):>10.2f}", flush=True)
-
+            sub = {i for i, r in enumerate(index.records) if r.key.endswith(ext)}
+            rate, cpu_ms = run(ds, 0, args.passes, sub)
+            print(f"{'workers=0, only ' + ext:<34}{rate:>10.2f}{cpu_ms:>12.1f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -104,6 +104,8 @@ def test_folder_keep_tokens_and_errors(folder: Path, tmp_path: Path) -> None:
     (folder / "e.json").write_text("{not json")
     with pytest.raises(ManifestError, match=r"e\.json.*invalid JSON"):
         list(FolderSource(folder))
+    (folder / "e.json").write_text(json.dumps({"tags": {"species": ["fox"], "general": "smile"}}))
+    assert {r.key: r for r in FolderSource(folder)}["e.png"].tags == {"general": ["fox", "smile"]}
     (folder / "e.json").write_text(json.dumps({"rating": "spicy"}))
     with pytest.raises(ManifestError, match="unknown rating 'spicy'"):
         list(FolderSource(folder))

@@ -54,6 +54,7 @@ _CATEGORY_ALIASES = {
     "artists": "artist",
     "meta": "meta",
 }
+_warned_categories: set[str] = set()
 _DANBOORU_FIELDS = {
     "tag_string_general": "general",
     "tag_string_character": "character",
@@ -98,10 +99,12 @@ def apply_metadata(record: SampleRecord, meta: Mapping[str, Any], where: str) ->
     if isinstance(raw, Mapping):
         for k, v in raw.items():
             cat = _CATEGORY_ALIASES.get(str(k).lower())
-            if cat is None:
-                raise ManifestError(
-                    f"{where}: unknown tag category {k!r} (use general, character, copyright/series, artist, meta)"
-                )
+            if cat is None:  # e.g. e621's "species", "lore": content tags, so they join the general tags
+                cat = "general"
+                if str(k) not in _warned_categories:
+                    _warned_categories.add(str(k))
+                    logger.warning("%s: tag category %r is not a danbooru one; its tags are used as general tags",
+                                   where, k)  # fmt: skip
             tags.setdefault(cat, []).extend(split_tags(v, where))
     elif raw is not None:
         tags.setdefault("general", []).extend(split_tags(raw, where))
