@@ -7,11 +7,12 @@ conversion, bucket at 1024², resize-to-cover, centre crop, to tensor, caption)
 in one-bucket batches of 4 through a torch ``DataLoader`` with 0 (in-process),
 1 and 2 worker processes.
 
-    python benchmarks/data_bench.py [--images 36] [--passes 2] [--workers 0 1 2]
+    python benchmarks/data_bench.py [--images 36] [--passes 3] [--workers 0 1 2]
 
 Wall-clock images/s depends on what else runs on the machine; CPU ms per image (all
-processes) does not, so ``cores / (CPU ms / 1000)`` is the rate on idle cores.  The GPU needs ~1.25–10 images/s per card for SDXL
-at 1024², so this says how many loader workers a run needs.
+processes, including worker start-up) depends much less, so ``cores / (CPU ms / 1000)``
+approximates the rate on idle cores.  Training needs ~1.25–10 images/s per GPU for SDXL at
+1024² (without a latent cache), so this says how many loader workers a run needs.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run(ds: BucketDataset, workers: int, passes: int, subset: list[int] | None =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=36)
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -122,6 +123,7 @@ def main() -> None:
             sub = {i for i, r in enumerate(index.records) if r.key.endswith(ext)}
             rate, cpu_ms = run(ds, 0, args.passes, sub)
             print(f"{'workers=0, only ' + ext:<34}{rate:>10.2f}{cpu_ms:>12.1f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -72,7 +72,9 @@ def test_cache_hit_equals_fresh_encode_and_rerun_reuses(image_dir, tmp_path, vae
         rec = ds.index.records[i]
         for flip in (False, True):
             base = ds.plan(i, 0, rec.width, rec.height)
-            plan = CropPlan(base.orig_w, base.orig_h, base.bucket, base.resized_w, base.resized_h, base.left, base.top, flip)
+            plan = CropPlan(
+                base.orig_w, base.orig_h, base.bucket, base.resized_w, base.resized_h, base.left, base.top, flip
+            )
             hit = cache.lookup(rec, plan)
             assert hit is not None and torch.equal(hit, fresh(ds, vae, i, plan))
             assert hit.shape == (8, plan.bucket.height // 2, plan.bucket.width // 2)  # tiny VAE: 4 ch, /2
@@ -94,7 +96,9 @@ def test_changed_vae_bucket_crop_flip_or_image_miss(image_dir, tmp_path, vae) ->
     assert cache2.vae_digest != cache.vae_digest and cache2.lookup(rec, plan) is None
     assert build_latent_cache(ds, vae2, cache2, progress=False).built == len(ds)
     # crop offsets, flip, bucket: each a miss
-    moved = CropPlan(plan.orig_w, plan.orig_h, plan.bucket, plan.resized_w, plan.resized_h, plan.left + 1, plan.top, False)
+    moved = CropPlan(
+        plan.orig_w, plan.orig_h, plan.bucket, plan.resized_w, plan.resized_h, plan.left + 1, plan.top, False
+    )
     flipped = CropPlan(plan.orig_w, plan.orig_h, plan.bucket, plan.resized_w, plan.resized_h, plan.left, plan.top, True)
     assert plan.left + 1 <= plan.resized_w - plan.bucket.width
     assert cache.lookup(rec, moved) is None and cache.lookup(rec, flipped) is None
@@ -156,7 +160,9 @@ def test_interrupted_build_resumes(image_dir, tmp_path, vae) -> None:
 def test_each_rank_caches_its_share(image_dir, tmp_path, vae) -> None:
     ds = make_dataset(image_dir)
     reports = [
-        build_latent_cache(ds, vae, LatentCache.for_vae(tmp_path / "c", vae, rank=r), rank=r, world_size=2, progress=False)
+        build_latent_cache(
+            ds, vae, LatentCache.for_vae(tmp_path / "c", vae, rank=r), rank=r, world_size=2, progress=False
+        )
         for r in range(2)
     ]
     assert [r.built for r in reports] == [3, 3]

@@ -173,6 +173,7 @@ def shards(tmp_path: Path) -> str:
 
 
 def test_webdataset_source(shards: str) -> None:
+    pytest.importorskip("webdataset")
     src = WebDatasetSource(shards)
     assert len(src.shards) == 5
     recs = list(src)
@@ -185,6 +186,7 @@ def test_webdataset_source(shards: str) -> None:
 
 
 def test_shard_stream_batches(shards: str) -> None:
+    pytest.importorskip("webdataset")
     src = WebDatasetSource(shards)
     bs = BucketSet.from_config(SMALL)
     cap = Captioner(cfg=CaptionConfig(tag_dropout=0.5), seed=0)
@@ -251,11 +253,25 @@ def test_stats_cli_json_and_text(folder: Path, capsys) -> None:
     assert "error:" in capsys.readouterr().err
 
 
-def test_stats_cli_module_entry_point(shards: str) -> None:
+def test_stats_cli_module_entry_point(folder: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lokr_trainer.data", shards, "--resolution", "64", "--step", "32",
+        [sys.executable, "-m", "lokr_trainer.data", str(folder), "--resolution", "64", "--step", "32",
          "--min-side", "32", "--max-side", "128", "--no-tokens"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "images: 8   skipped: 2" in out.stdout
+    assert "images: 6   skipped: 0" in out.stdout and "ratings:" in out.stdout
+
+
+def test_stats_over_shards(shards: str, capsys) -> None:
+    pytest.importorskip("webdataset")
+    assert stats_main([shards, "--resolution", "64", "--step", "32", "--min-side", "32", "--max-side", "128",
+                       "--no-tokens", "--json"]) == 0  # fmt: skip
+    s = json.loads(capsys.readouterr().out)
+    assert s["images"] == 8 and s["skipped"]["by_kind"] == {"not_an_image": 1, "bad_shard": 1}
+
+
+def test_shards_without_webdataset_give_install_hint(shards: str, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # import fails as if not installed
+    with pytest.raises(DataError, match=r"pip install 'lokr-trainer\[webdataset\]'"):
+        WebDatasetSource(shards)

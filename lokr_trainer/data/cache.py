@@ -401,7 +401,9 @@ def build_latent_cache(
         for flip in flips:
             report.total += 1
             plan = dataset.plan(i, 0, int(rec.width), int(rec.height))
-            plan = CropPlan(plan.orig_w, plan.orig_h, plan.bucket, plan.resized_w, plan.resized_h, plan.left, plan.top, flip)
+            plan = CropPlan(
+                plan.orig_w, plan.orig_h, plan.bucket, plan.resized_w, plan.resized_h, plan.left, plan.top, flip
+            )
             try:
                 hit = cache.lookup(rec, plan)
             except BadImageError as e:
@@ -448,7 +450,9 @@ def build_latent_cache(
     return report
 
 
-def fill_missing_latents(batch: dict[str, Any], vae: Any, dataset: Any = None, cache: LatentCache | None = None) -> torch.Tensor:
+def fill_missing_latents(
+    batch: dict[str, Any], vae: Any, dataset: Any = None, cache: LatentCache | None = None
+) -> torch.Tensor:
     """All of a batch's latent moments in batch order, encoding rows that came as pixels.
 
     With ``cache`` and ``dataset`` given, freshly encoded rows are stored, so a
@@ -497,9 +501,7 @@ def check_te_cache_allowed(caption: CaptionConfig, train_text_encoders: bool) ->
 
 def tokenizer_fingerprint(*tokenizers: Any) -> str:
     """What about a tokenizer changes the ids: class, vocabulary size, special ids."""
-    parts = [
-        f"{type(t).__name__}:{len(t)}:{t.bos_token_id}:{t.eos_token_id}:{t.pad_token_id}" for t in tokenizers
-    ]
+    parts = [f"{type(t).__name__}:{len(t)}:{t.bos_token_id}:{t.eos_token_id}:{t.pad_token_id}" for t in tokenizers]
     return "|".join(parts)
 
 

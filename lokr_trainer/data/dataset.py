@@ -86,9 +86,10 @@ def index_records(
     kept: list[SampleRecord] = []
     sizes: list[tuple[int, int]] = []
     chunk = 4096  # bounded number of pending futures, even for millions of records
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, tqdm(
-        total=len(recs), desc="reading image sizes", disable=not progress, unit="img"
-    ) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        tqdm(total=len(recs), desc="reading image sizes", disable=not progress, unit="img") as bar,
+    ):
         for start in range(0, len(recs), chunk):
             part = recs[start : start + chunk]
             for rec, res in zip(part, pool.map(probe, part)):
@@ -231,4 +232,3 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["pixel_values"] = torch.stack([good[i]["pixel_values"] for i in pix]) if pix else None
     out["latents"] = torch.stack([good[i]["latents"] for i in lat]) if lat else None
     return out
-

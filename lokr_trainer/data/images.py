@@ -284,9 +284,7 @@ def load_cropped(
     x0, y0, x1, y1 = plan.source_box()
     box = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
     try:
-        out = img.resize(
-            (plan.bucket.width, plan.bucket.height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0
-        )
+        out = img.resize((plan.bucket.width, plan.bucket.height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     finally:
         img.close()
     if plan.flip:

@@ -384,4 +384,3 @@ def open_source(spec: str | os.PathLike, keep_tokens: int = 0) -> Iterable[Sampl
     if re.search(r"\.tar(\.gz)?(\}|$)|\{.*\}", s) or s.startswith(("pipe:", "http://", "https://", "s3://")):
         return WebDatasetSource(s, keep_tokens=keep_tokens)
     raise DataError(f"{s}: not a folder, a .jsonl manifest or a .tar shard pattern")
-

@@ -68,7 +68,9 @@ def compute_stats(
         parts = captioner.parts(rec)
         cfg = captioner.cfg
         for cat in ("character", "copyright", "artist"):
-            tags[cat].update(normalize_tag(t, cfg.short_tag_max_len, cfg.keep_underscore) for t in rec.tags.get(cat, []))
+            tags[cat].update(
+                normalize_tag(t, cfg.short_tag_max_len, cfg.keep_underscore) for t in rec.tags.get(cat, [])
+            )
         tags["general"].update(parts.general)
         n_tags.append(len(parts.fixed) + len(parts.general))
         with_nl += parts.nl is not None
@@ -131,7 +133,9 @@ def format_stats(s: DatasetStats, batch_size: int | None = None) -> str:
         small = [k for k, v in s.buckets.items() if v < batch_size]
         if small:
             out.append(f"  {len(small)} bucket(s) hold fewer than batch_size={batch_size} images: {', '.join(small)}")
-    out.append(f"mean aspect error |log(ar/bucket ar)|: {s.mean_aspect_error:.4f}; upscaled more than 2x: {s.upscaled_2x}")
+    out.append(
+        f"mean aspect error |log(ar/bucket ar)|: {s.mean_aspect_error:.4f}; upscaled more than 2x: {s.upscaled_2x}"
+    )
     out += _table("ratings:", s.ratings, s.images)
     out += _table("quality tags:", s.quality, s.images)
     out += _table("date tags:", s.dates, s.images)
@@ -148,4 +152,3 @@ def format_stats(s: DatasetStats, batch_size: int | None = None) -> str:
         if items:
             out.append(f"top {cat} tags: " + ", ".join(f"{k} ({v})" for k, v in items))
     return "\n".join(out)
-

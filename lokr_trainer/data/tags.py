@@ -209,7 +209,9 @@ class CaptionConfig:
     @property
     def is_fixed(self) -> bool:
         """True when a record always gets the same caption (required for a text-encoder cache)."""
-        return not self.shuffle_general and self.tag_dropout == 0 and self.group_dropout == 0 and self.caption_dropout == 0
+        return (
+            not self.shuffle_general and self.tag_dropout == 0 and self.group_dropout == 0 and self.caption_dropout == 0
+        )
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ def check_settings(max_tokens: int, layout: str) -> int:
     if layout not in LAYOUTS:
         raise ConfigError(f"prompt layout must be one of {LAYOUTS}, got {layout!r}")
     if max_tokens < WINDOW or max_tokens % WINDOW:
-        raise ConfigError(f"max_tokens must be a positive multiple of {WINDOW} (75, 150, 225, 300, ...), got {max_tokens}")
+        raise ConfigError(
+            f"max_tokens must be a positive multiple of {WINDOW} (75, 150, 225, 300, ...), got {max_tokens}"
+        )
     return max_tokens // WINDOW
 
 
