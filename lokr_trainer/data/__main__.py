@@ -24,7 +24,10 @@ from lokr_trainer.errors import BadImageError, LokrTrainerError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lokr_trainer.data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lokr_trainer.data",
+        description="Print dataset statistics (counts, skipped files, buckets, special tags, tokens) before a run.",
+    )
     p.add_argument("sources", nargs="+", help="folder, .jsonl manifest or .tar shard pattern")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--step", type=int, default=64, help="bucket side step (default 64)")
