@@ -257,3 +257,13 @@ def test_te_cache_hit_equals_fresh_encode_and_validates(image_dir, tmp_path, tin
         cached_text_batch(["a caption nobody encoded"], cache)
     h, p = cached_text_batch(["a caption nobody encoded"], cache, enc)
     assert cache.lookup("a caption nobody encoded") is not None and h.shape == (1, 152, 64)
+
+
+def test_wrong_metadata_size_is_skipped_not_cached(image_dir, tmp_path, vae) -> None:
+    index = index_records(FolderSource(image_dir), BucketSet.from_config(SMALL), progress=False)
+    index.records[0].width, index.records[0].height = 200, 100  # metadata that lies about the file
+    ds = BucketDataset(index, seed=0)
+    cache = LatentCache.for_vae(tmp_path / "c", vae)
+    report = build_latent_cache(ds, vae, cache, progress=False)
+    assert (report.built, report.skipped) == (len(ds) - 1, 1)
+    assert report.skipped_paths == [index.records[0].path]

@@ -352,8 +352,19 @@ class _DecodeJobs(torch.utils.data.Dataset):
         i, plan = self.jobs[j]
         rec = self.dataset.index.records[i]
         src = rec.data if rec.data is not None else rec.path
+
+        def same_size(w: int, h: int) -> CropPlan:
+            if (w, h) != (plan.orig_w, plan.orig_h):
+                raise BadImageError(
+                    rec.where,
+                    f"the file is {w}x{h} but its metadata says {plan.orig_w}x{plan.orig_h}; "
+                    "fix the metadata or index with verify=True",
+                    kind="wrong_size",
+                )
+            return plan
+
         try:
-            arr, got = load_cropped(src, lambda w, h: plan, rec.where, self.dataset.image.decode)
+            arr, _ = load_cropped(src, same_size, rec.where, self.dataset.image.decode)
         except BadImageError as e:
             return {"job": j, "skip": (e.path or rec.where, e.reason, e.kind)}
         return {"job": j, "pixels": to_tensor(arr)}
