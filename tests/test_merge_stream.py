@@ -187,3 +187,21 @@ def test_write_stream_checks_the_plan(tmp_path):
     with pytest.raises(CheckpointError, match="ran out of tensors"):
         write_stream(tmp_path / "o.safetensors", plan, iter([("a", torch.zeros(2, dtype=torch.float16))]))
     assert files_in(tmp_path) == []
+
+
+def test_write_stream_interrupted_leaves_nothing(tmp_path):
+    """Ctrl-C while tensors are coming: the temporary file goes, nothing is renamed into place."""
+    from lokr_trainer.merge.stream import write_stream
+    from lokr_trainer.safetensors_io import PlannedTensor
+
+    plan = [PlannedTensor(f"t{i}", torch.float32, (1000,)) for i in range(5)]
+
+    def tensors():
+        for i in range(5):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield f"t{i}", torch.zeros(1000)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_stream(tmp_path / "o.safetensors", plan, tensors())
+    assert files_in(tmp_path) == []
