@@ -36,6 +36,7 @@ from lokr_trainer.merge.run import RunStats, execute
 __all__ = [
     "EMBEDDING_KEYS",
     "LoKrInput",
+    "MergePlan",
     "MergeResult",
     "Recipe",
     "bake",
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("lokr_trainer.merge")
-
-PathLike = "str | Path"
 
 
 @dataclass

@@ -28,9 +28,7 @@ import torch
 
 from lokr_trainer.errors import (
     CheckpointError,
-    ConfigError,
     KeyMapError,
-    LokrTrainerError,
     MissingComponentError,
     ShapeMismatchError,
     UnmatchedModuleError,

@@ -21,7 +21,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
@@ -266,7 +266,3 @@ def recipe_to_toml(recipe: Recipe) -> str:
     if recipe.title:
         lines.append(f"title = {q(recipe.title)}")
     return "\n".join(lines) + "\n"
-
-
-def as_sequence(x: Any) -> Sequence[Any]:
-    return [x] if isinstance(x, (str, Path)) else list(x)
