@@ -336,8 +336,8 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
             if not meta.dtype.is_floating_point or not module.fits(shape):
                 got = module.kron_shape()
                 raise ShapeMismatchError(
-                    f"{path}: LoKr module {name} gives a delta of {got[0]}x{got[1]} elements per row block, "
-                    f"which does not fit {key}{' rows ' + str(qkv) if qkv is not None else ''} {list(shape)} "
+                    f"{path}: LoKr module {name} gives a {got[0]}x{got[1]} delta (rows x columns·kernel), "
+                    f"which does not fit {key}{' q/k/v part ' + str(qkv) if qkv is not None else ''} {list(shape)} "
                     f"{meta.dtype} of {base.path} (adapter trained for another model?)"
                 )
             c = Contribution(li, module, spec.multiplier, tuple(shape), offset, qkv)
