@@ -205,3 +205,31 @@ def test_write_stream_interrupted_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_stream(tmp_path / "o.safetensors", plan, tensors())
     assert files_in(tmp_path) == []
+
+
+def test_sharded_diffusers_folder(tiny_sdxl, tmp_path):
+    """A UNet split into shards with an index file reads like the single file."""
+    import json
+
+    from test_merge_support import write_file
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    unet = folder / "unet"
+    tensors, _ = read_all(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        write_file(unet / shard, {k: tensors[k] for k in keys})
+        weight_map.update({k: shard for k in keys})
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ref, _ = read_all(tiny_sdxl.single_file)
+    src = open_source(folder)
+    try:
+        assert len(src.files()) == 5 and set(src.keys()) == set(ref)
+        assert all(torch.equal(src.read(k), ref[k]) for k in ref)
+    finally:
+        src.close()
