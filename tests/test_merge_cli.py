@@ -16,6 +16,14 @@ from lokr_trainer.merge.__main__ import main
 from lokr_trainer.merge.recipe import LoKrInput, Recipe, load_recipe, recipe_to_toml
 
 
+@pytest.fixture(autouse=True)
+def keep_malloc(monkeypatch):
+    """main() tunes glibc for the whole process; not for the test runner's (the subprocess test does it for real)."""
+    from lokr_trainer.merge import stream
+
+    monkeypatch.setattr(stream, "tune_malloc", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def work(tiny_sdxl, tmp_path_factory):
     d = tmp_path_factory.mktemp("merge_cli")
