@@ -237,6 +237,7 @@ def test_param_groups_have_one_learning_rate_per_component(models):
     assert [g["lr"] for g in net.param_groups(1e-4, te2_lr=1e-6)] == [1e-4, 1e-4, 1e-6]
     with pytest.raises(ConfigError, match="te1"):
         net.param_groups(unet_lr=1e-4)
+    net.remove()
     unet_only = attach_lokr(models, LoKrConfig(components=("unet",)))
     assert [g["name"] for g in unet_only.param_groups(1e-4)] == ["unet"]
 
