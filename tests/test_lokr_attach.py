@@ -314,6 +314,27 @@ def test_attaching_twice_is_an_error_until_removed(models, inputs, tiny_models):
         assert torch.equal(run(models, inputs)["unet"], run(tiny_models, inputs)["unet"])
 
 
+def test_dropouts_follow_the_wrapped_models_train_eval_state(models, inputs, capsys):
+    net = attach_lokr(models, LoKrConfig(targets="attn-mlp", module_dropout=0.95, dropout=0.5))
+    assert "haven't implemented" not in capsys.readouterr().out
+    randomize(net, seed=14)
+    for attr in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(models, attr).eval()
+    with torch.no_grad():
+        evaluated = run(models, inputs)
+        for lyco in net.lokr.values():
+            lyco.module_dropout = 0.0
+            lyco.drop = torch.nn.Identity()
+        reference = run(models, inputs)
+        for lyco in net.lokr.values():
+            lyco.module_dropout = 0.95
+        models.unet.train()
+        torch.manual_seed(0)
+        trained = run(models, inputs)
+    assert all(torch.equal(evaluated[k], reference[k]) for k in reference)
+    assert float((trained["unet"] - reference["unet"]).abs().max()) > 1e-4
+
+
 def test_dropout_settings_pin_the_forward_mode(models):
     net = attach_lokr(models, LoKrConfig(targets="attn", dropout=0.1))
     assert set(net.forward_modes().values()) == {"bypass"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -110,7 +111,8 @@ class LoKrNetwork(nn.Module):
                     None, f"{entry.lokr_name}: {live!r} is a {type(org).__name__}, LoKr wraps nn.Linear/nn.Conv2d"
                 )
             device = org.weight.device
-            with torch.device(device):
+            # lycoris prints "haven't implemented normal dropout" per module; it has, on the bypass path
+            with torch.device(device), contextlib.redirect_stdout(io.StringIO()):
                 lyco = LokrModule(
                     entry.lokr_name,
                     org,

@@ -141,7 +141,12 @@ def merged_forward(lyco: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 
 class LoKrSlot:
-    """Replaces one module's ``forward``: base only when disabled, else the chosen LoKr path."""
+    """Replaces one module's ``forward``: base only when disabled, else the chosen LoKr path.
+
+    The adapter's dropouts follow the *wrapped* module's ``train()``/``eval()``
+    state, which is what users toggle (``unet.eval()`` for sampling), rather
+    than the separate adapter network's.
+    """
 
     def __init__(self, lyco: Any, mode: str, network_state: Any) -> None:
         self.lyco = lyco
@@ -166,6 +171,9 @@ class LoKrSlot:
         lyco = self.lyco
         if not self.state.enabled:
             return lyco.org_forward(x, *args, **kwargs)
+        org = lyco.org_module[0]
+        if lyco.training != org.training:
+            lyco.train(org.training)
         mode = self.current_mode()
         if mode == "merged":
             return merged_forward(lyco, x, *args, **kwargs)
