@@ -168,3 +168,22 @@ def test_time_ids_order() -> None:
     assert tuple(int(x) for x in t[0]) == plan.time_ids()
     with pytest.raises(ValueError):
         make_time_ids([(1, 1)], [], [(1, 1)])
+
+
+def test_exclamation_marks_keep_their_ids_for_te2(models) -> None:
+    """'!' is TE2's pad token in diffusers; inside a prompt it must stay a normal token.
+
+    OpenCLIP, kohya (Kohaku XL's trainer), ComfyUI and A1111 tokenize "!" as 256;
+    diffusers' tokenizer_2 would turn it into the pad id 0.
+    """
+    text = "1girl, surprised !, wow !?, !!"
+    with torch.no_grad():
+        emb = encode(models, [text], max_tokens=75, layout="kohya")
+    raw = models.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert 748 in raw  # "!!</w>", as OpenCLIP's own tokenizer gives it
+    raw_2 = models.tokenizer_2(text, add_special_tokens=False)["input_ids"]
+    assert raw_2 != raw and 748 not in raw_2  # diffusers' tokenizer_2 collapses it to the pad id
+    ids2 = [49406] + raw + [49407] + [0] * (75 - len(raw))
+    with torch.no_grad():
+        h2 = models.text_encoder_2(torch.tensor([ids2]), output_hidden_states=True).hidden_states[-2][0]
+    assert torch.equal(emb.hidden[0, :, 32:], h2)

@@ -2,7 +2,10 @@
 
 DESIGN.md §3.  A prompt's tokens (no BOS/EOS) are cut into windows of 75;
 window ``i`` is encoded as ``BOS + tokens[75i:75i+75] + EOS`` padded to 77
-with the tokenizer's pad id (TE1: EOS, TE2: ``!`` = 0).  Both encoders'
+with the pad id (TE1: EOS, TE2: ``!`` = 0).  Token ids of both encoders come
+from TE1's tokenizer (same BPE vocabulary), so a ``!`` inside a prompt keeps
+its ids for TE2 as in OpenCLIP/kohya/ComfyUI/A1111 (diffusers' ``tokenizer_2``
+would turn it into the pad id 0).  Both encoders'
 penultimate hidden states are concatenated on the feature axis (768 + 1280 =
 2048 for SDXL) and the windows are joined on the sequence axis:
 
@@ -65,15 +68,22 @@ class TokenWindows:
 
 
 def tokenize_windows(
-    prompts: Sequence[str], tokenizer: Any, max_tokens: int, n_windows: int | None = None
+    prompts: Sequence[str],
+    tokenizer: Any,
+    max_tokens: int,
+    n_windows: int | None = None,
+    pad_id: int | None = None,
 ) -> TokenWindows:
-    """Cut each prompt's tokens into ``BOS + 75 + EOS`` windows padded with the tokenizer's pad id.
+    """Cut each prompt's tokens into ``BOS + 75 + EOS`` windows padded with ``pad_id``.
 
-    ``n_windows`` fixes the window count (default ``max_tokens / 75``).
+    ``n_windows`` fixes the window count (default ``max_tokens / 75``);
+    ``pad_id`` defaults to the tokenizer's pad id.
     """
     max_windows = check_settings(max_tokens, "kohya")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id if pad_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = eos
     raw = tokenizer(list(prompts), add_special_tokens=False, truncation=False, padding=False, verbose=False)[
         "input_ids"
     ]
@@ -144,7 +154,12 @@ def encode_prompts(
         longest = max(len(t) for t in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"])
         n = min(max_windows, max(1, math.ceil(longest / WINDOW)))
     w1 = tokenize_windows(prompts, tokenizer, max_tokens, n)
-    w2 = tokenize_windows(prompts, tokenizer_2, max_tokens, n)
+    # Both encoders share CLIP's BPE vocabulary; only the padding differs.
+    # TE2's ids come from TE1's tokenizer padded with TE2's pad id (0, "!"):
+    # diffusers' tokenizer_2 makes "!" its pad *token*, so every "!" inside a
+    # prompt ("!?", "!!") would become id 0, unlike OpenCLIP, kohya (which
+    # trained Kohaku XL), ComfyUI and A1111, where "!" keeps its own ids.
+    w2 = tokenize_windows(prompts, tokenizer, max_tokens, n, pad_id=tokenizer_2.pad_token_id)
     b = len(prompts)
     h1, _ = _penultimate(text_encoder, w1.ids.reshape(b * n, CONTEXT))
     h2, out2 = _penultimate(text_encoder_2, w2.ids.reshape(b * n, CONTEXT))
