@@ -478,8 +478,13 @@ def attach_lokr_from_file(
     table = _table_for(models)
     f = source if isinstance(source, LoKrFile) else load_lokr(source, layout=table.layout, table=table, skip_unknown=True)
     if config is None:
+        config = LoKrConfig()
         recorded = f.metadata.get("lokr_trainer.lokr_config")
-        config = LoKrConfig.from_dict(json.loads(recorded)) if recorded else LoKrConfig()
+        if recorded:
+            try:
+                config = LoKrConfig.from_dict(json.loads(recorded))
+            except (ConfigError, ValueError, TypeError) as e:  # another version's table: shapes still come from the file
+                logger.warning("%s: ignoring the recorded lokr_trainer.lokr_config (%s); using defaults", f.path, e)
     if f.skipped and strict:
         raise WrongModelError(
             f.path,

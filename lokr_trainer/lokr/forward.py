@@ -117,9 +117,15 @@ def choose_mode(lyco: Any, requested: str, training: bool, tokens: int = DEFAULT
     return min(allowed, key=lambda m: (c[m], MODES.index(m)))
 
 
+def _base_weight(lyco: Any) -> torch.Tensor:
+    if hasattr(lyco, "_current_weight"):  # lycoris >= 4 (dequantises fp8 weights)
+        return lyco._current_weight()
+    return lyco.org_module[0].weight.detach()
+
+
 def merged_weight(lyco: Any) -> torch.Tensor:
     """W + m·ΔW (or LyCORIS' DoKr rescale of W + ΔW), with autograd to the factors."""
-    base = lyco._current_weight()
+    base = _base_weight(lyco)
     # get_weight applies the scale once; dtype handling as LyCORIS' rebuild forward
     diff = lyco.get_weight(lyco.shape).to(device=base.device, dtype=base.dtype) * lyco.scalar
     if lyco.wd:
@@ -134,9 +140,9 @@ def merged_forward(lyco: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if lyco.module_dropout and lyco.training and torch.rand(1) < lyco.module_dropout:
         return lyco.org_forward(x, *args, **kwargs)
     weight = merged_weight(lyco).to(dtype=x.dtype)
-    bias = lyco._current_bias()
+    bias = lyco.org_module[0].bias
     if bias is not None:
-        bias = bias.to(dtype=x.dtype)
+        bias = bias.detach().to(dtype=x.dtype)
     return lyco.op(x, weight, bias, **lyco.kw_dict)
 
 
