@@ -104,3 +104,16 @@ def test_large_finite_values_are_not_mistaken_for_overflow():
     x = torch.full((2500,), 3.0e38)
     x[1::2] = -3.0e38
     assert torch.equal(combine([x], None, [], torch.float32), x)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1.0, 0.3])
+def test_single_delta_slices_one_pass_and_general_path_agree(in_dtype, out_dtype, m):
+    """A q/k/v-style delta covers some slices whole (one-pass path) and some in part (general path)."""
+    x = _t((3 * 900, 4), 12, in_dtype)  # 10800 elements, slices of 1000
+    d = _t((900, 4), 13, torch.float32)
+    got = combine([x], None, [Delta(d, m, 900 * 4)], out_dtype)
+    acc = x.float().reshape(-1).clone()
+    acc[3600:7200] = acc[3600:7200] + (d.reshape(-1) * m if m != 1.0 else d.reshape(-1))
+    assert torch.equal(bits(got.reshape(-1)), bits(acc.to(out_dtype)))
