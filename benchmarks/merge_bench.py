@@ -140,6 +140,8 @@ def main() -> None:
                 "--lokr", str(lokr), "--out", str(out), "--dtype", "fp16", "--overwrite", "--no-progress"]
         if args.workers is not None:
             bake += ["--workers", str(args.workers)]
+        for stale in (copy, out):
+            stale.unlink(missing_ok=True)
         dry, dry_out = timed([sys.executable, "-m", "lokr_trainer.merge", "--base", str(base), "--lokr", str(lokr),
                               "--out", str(out), "--dry-run"])
         expected = re.search(r"expected peak memory: ([^\n]+)", dry_out)
