@@ -22,14 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from lokr_trainer.merge.plan import (
-    EMBEDDING_KEYS,
-    ComponentCount,
-    LoKrCount,
-    MergePlan,
-    format_report,
-    plan_merge,
-)
+from lokr_trainer.merge.plan import EMBEDDING_KEYS, ComponentCount, LoKrCount, MergePlan, plan_merge
+from lokr_trainer.merge.report import format_report
 from lokr_trainer.merge.recipe import LoKrInput, Recipe, load_recipe
 from lokr_trainer.merge.run import RunStats, execute
 

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lokr_trainer.errors import LokrTrainerError
     from lokr_trainer.merge import run_recipe
-    from lokr_trainer.merge.plan import fmt_bytes
+    from lokr_trainer.merge.report import fmt_bytes
     from lokr_trainer.merge.recipe import LoKrInput, Recipe
     from lokr_trainer.merge.stream import tune_malloc
 

@@ -14,8 +14,6 @@ prints.
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import math
 import os
@@ -44,8 +42,6 @@ logger = logging.getLogger("lokr_trainer.merge")
 
 #: Components in report order, with the labels users know.
 LABELS: dict[str | None, str] = {"unet": "UNet", "text_encoder": "TE1", "text_encoder_2": "TE2", "vae": "VAE", None: "other"}
-#: LoKr component names (lokr.names) -> single-file component.
-LOKR_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 #: The CLIP token and position embeddings that ``restore_embeddings`` copies (DESIGN.md §5).
 EMBEDDING_KEYS: tuple[str, ...] = (
@@ -53,16 +49,6 @@ EMBEDDING_KEYS: tuple[str, ...] = (
     PREFIXES["text_encoder"] + "text_model.embeddings.position_embedding.weight",
     PREFIXES["text_encoder_2"] + "token_embedding.weight",
     PREFIXES["text_encoder_2"] + "positional_embedding",
-)
-
-#: modelspec keys worth keeping from the first base (they describe the architecture, not the file).
-_CARRIED_MODELSPEC = (
-    "modelspec.architecture",
-    "modelspec.implementation",
-    "modelspec.resolution",
-    "modelspec.prediction_type",
-    "modelspec.timestep_range",
-    "modelspec.encoder_layer",
 )
 
 #: Bytes of tensors the pipeline may hold at once (inputs + outputs + deltas), see stream.ordered_map.
@@ -508,6 +494,8 @@ def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) 
             workers=2 if recipe.workers is None else recipe.workers,
         )
         _check_free_space(plan)
+        from lokr_trainer.merge.metadata import build_metadata
+
         plan.header_metadata = build_metadata(plan)
         return plan
     except BaseException:
@@ -528,141 +516,9 @@ def _check_free_space(plan: MergePlan) -> None:
         return
     need = plan.output_bytes + (1 << 20)
     if free < need:
+        from lokr_trainer.merge.report import fmt_bytes
+
         raise CheckpointError(
             plan.recipe.out, f"needs {fmt_bytes(need)} but only {fmt_bytes(free)} is free in {folder}",
             "free some space or write elsewhere",
         )
-
-
-# --------------------------------------------------------------------------- metadata
-
-
-def _input_record(src_path: Path, size: int) -> dict[str, Any]:
-    rec: dict[str, Any] = {"name": src_path.name, "bytes": size}
-    if src_path.is_dir():
-        rec["format"] = "diffusers"
-    return rec
-
-
-def build_metadata(plan: MergePlan, hashes: dict[Path, Any] | None = None) -> dict[str, str]:
-    """``modelspec.*`` (so UIs recognise SDXL) and ``lokr_trainer.merge`` (the recipe that made it)."""
-    from lokr_trainer import __version__
-
-    recipe = plan.recipe
-    first = plan.bases[0]
-    meta: dict[str, str] = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.resolution": "1024x1024",
-    }
-    for k in _CARRIED_MODELSPEC:
-        if k in first.metadata:
-            meta[k] = first.metadata[k]
-    meta["modelspec.title"] = recipe.title or recipe.out.stem
-    meta["modelspec.date"] = datetime.date.today().isoformat()
-
-    def rec(path: Path, size: int) -> dict[str, Any]:
-        r = _input_record(path, size)
-        if hashes is not None and path in hashes:
-            r["sha256"] = hashes[path]
-        return r
-
-    merge: dict[str, Any] = {"version": __version__, "operations": plan.operations, "dtype": DTYPE_NAMES[recipe.dtype]}
-    merge["bases"] = []
-    for i, src in enumerate(plan.bases):
-        r = rec(src.path, src.size_bytes)
-        if plan.weights is not None:
-            r["weight"] = plan.weights[i]
-        merge["bases"].append(r)
-    if plan.reference is not None:
-        merge["restore_embeddings"] = {**rec(plan.reference.path, plan.reference.size_bytes), "keys": list(EMBEDDING_KEYS)}
-    if recipe.lokrs:
-        merge["lokrs"] = []
-        for spec, count in zip(recipe.lokrs, plan.lokr_counts):
-            r = rec(spec.path, spec.path.stat().st_size)
-            r["multiplier"] = spec.multiplier
-            r["modules_applied"] = count.modules
-            skipped = sum(len(v) for v in count.unmatched.values())
-            if skipped:
-                r["modules_skipped"] = skipped
-            merge["lokrs"].append(r)
-        merge["skip_unmatched"] = recipe.skip_unmatched
-    merge["keys"] = {
-        LABELS[c]: {k: v for k, v in vars(cc).items() if v} for c, cc in plan.components.items()
-    }
-    meta["lokr_trainer.version"] = __version__
-    meta["lokr_trainer.merge"] = json.dumps(merge, sort_keys=True, separators=(",", ":"))
-    meta.update({str(k): str(v) for k, v in recipe.extra_metadata.items()})
-    return meta
-
-
-# --------------------------------------------------------------------------- report
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def format_report(plan: MergePlan, *, peak: int | None = None) -> str:
-    """The human summary: inputs, operations, key accounting per component, memory."""
-    r = plan.recipe
-    lines = ["inputs:"]
-    for i, src in enumerate(plan.bases):
-        w = f"  weight {plan.weights[i]:g}" if plan.weights is not None else ""
-        kind = "  (diffusers folder)" if src.path.is_dir() else ""
-        lines.append(f"  base {i + 1}: {src.path}  {fmt_bytes(src.size_bytes)}{kind}{w}")
-    if plan.reference is not None:
-        lines.append(f"  restore embeddings from: {plan.reference.path}  ({len(EMBEDDING_KEYS)} keys)")
-    for spec, count in zip(r.lokrs, plan.lokr_counts):
-        lines.append(
-            f"  lokr: {spec.path}  {fmt_bytes(spec.path.stat().st_size)}  multiplier {spec.multiplier:g}  "
-            f"({count.modules} modules)"
-        )
-    lines.append(
-        f"output: {r.out}  {DTYPE_NAMES[r.dtype]}  {len(plan.items)} tensors  {fmt_bytes(plan.output_bytes)}"
-        + ("  (overwrite)" if r.out.exists() else "")
-    )
-    lines.append("operations: " + (" -> ".join(plan.operations) or f"none (copy, cast to {DTYPE_NAMES[r.dtype]})"))
-    lines.append("")
-    head = f"{'keys':<8}{'total':>7}{'summed':>8}{'restored':>10}{'baked':>7}{'cast':>6}{'verbatim':>10}"
-    lines.append(head)
-    tot = ComponentCount()
-    for comp, cc in plan.components.items():
-        lines.append(
-            f"{LABELS[comp]:<8}{cc.keys:>7}{cc.summed:>8}{cc.restored:>10}{cc.baked:>7}{cc.cast:>6}{cc.verbatim:>10}"
-        )
-        for f in vars(tot):
-            setattr(tot, f, getattr(tot, f) + getattr(cc, f))
-    lines.append(
-        f"{'all':<8}{tot.keys:>7}{tot.summed:>8}{tot.restored:>10}{tot.baked:>7}{tot.cast:>6}{tot.verbatim:>10}"
-    )
-    if r.lokrs:
-        lines.append("")
-        lines.append(f"{'LoKr modules':<40}{'UNet':>7}{'TE1':>7}{'TE2':>7}{'unmatched':>11}")
-        for spec, count in zip(r.lokrs, plan.lokr_counts):
-            name = spec.path.name if len(spec.path.name) <= 38 else "…" + spec.path.name[-37:]
-            um = sum(len(v) for v in count.unmatched.values())
-            lines.append(
-                f"{name:<40}"
-                + "".join(f"{count.applied.get(c, 0):>7}" for c in ("unet", "text_encoder", "text_encoder_2"))
-                + f"{um:>11}"
-            )
-            for comp, names in count.unmatched.items():
-                lines.append(f"    unmatched {LABELS.get(comp, comp)}: {_few(names, 4)}")
-    if peak is not None:
-        lines.append("")
-        lines.append(
-            f"expected peak memory: {fmt_bytes(peak)} (LoKr tensors {fmt_bytes(sum(c.resident_bytes for c in plan.lokr_counts))}, "
-            f"tensors in flight <= {fmt_bytes(plan.pipeline_bytes())}, "
-            f"largest tensor job {fmt_bytes(plan.max_item_cost())})"
-        )
-    for n in plan.notes:
-        lines.append(f"note: {n}")
-    for w in plan.warnings:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 from lokr_trainer.errors import NonFiniteResultError
 from lokr_trainer.merge.ops import Delta, NonFiniteResult, combine
-from lokr_trainer.merge.plan import MergePlan, PlanItem, build_metadata, fmt_bytes
+from lokr_trainer.merge.metadata import build_metadata
+from lokr_trainer.merge.plan import MergePlan, PlanItem
+from lokr_trainer.merge.report import fmt_bytes
 from lokr_trainer.merge.stream import file_sha256, ordered_map, write_stream
 from lokr_trainer.safetensors_io import PlannedTensor
 

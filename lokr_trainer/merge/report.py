@@ -1,0 +1,74 @@
+"""The human summary of a merge plan: inputs, operations, key accounting, memory."""
+
+from __future__ import annotations
+
+from lokr_trainer.merge.plan import EMBEDDING_KEYS, LABELS, ComponentCount, MergePlan, _few
+from lokr_trainer.merge.recipe import DTYPE_NAMES
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def format_report(plan: MergePlan, *, peak: int | None = None) -> str:
+    """The human summary: inputs, operations, key accounting per component, memory."""
+    r = plan.recipe
+    lines = ["inputs:"]
+    for i, src in enumerate(plan.bases):
+        w = f"  weight {plan.weights[i]:g}" if plan.weights is not None else ""
+        kind = "  (diffusers folder)" if src.path.is_dir() else ""
+        lines.append(f"  base {i + 1}: {src.path}  {fmt_bytes(src.size_bytes)}{kind}{w}")
+    if plan.reference is not None:
+        lines.append(f"  restore embeddings from: {plan.reference.path}  ({len(EMBEDDING_KEYS)} keys)")
+    for spec, count in zip(r.lokrs, plan.lokr_counts):
+        lines.append(
+            f"  lokr: {spec.path}  {fmt_bytes(spec.path.stat().st_size)}  multiplier {spec.multiplier:g}  "
+            f"({count.modules} modules)"
+        )
+    lines.append(
+        f"output: {r.out}  {DTYPE_NAMES[r.dtype]}  {len(plan.items)} tensors  {fmt_bytes(plan.output_bytes)}"
+        + ("  (overwrite)" if r.out.exists() else "")
+    )
+    lines.append("operations: " + (" -> ".join(plan.operations) or f"none (copy, cast to {DTYPE_NAMES[r.dtype]})"))
+    lines.append("")
+    head = f"{'keys':<8}{'total':>7}{'summed':>8}{'restored':>10}{'baked':>7}{'cast':>6}{'verbatim':>10}"
+    lines.append(head)
+    tot = ComponentCount()
+    for comp, cc in plan.components.items():
+        lines.append(
+            f"{LABELS[comp]:<8}{cc.keys:>7}{cc.summed:>8}{cc.restored:>10}{cc.baked:>7}{cc.cast:>6}{cc.verbatim:>10}"
+        )
+        for f in vars(tot):
+            setattr(tot, f, getattr(tot, f) + getattr(cc, f))
+    lines.append(
+        f"{'all':<8}{tot.keys:>7}{tot.summed:>8}{tot.restored:>10}{tot.baked:>7}{tot.cast:>6}{tot.verbatim:>10}"
+    )
+    if r.lokrs:
+        lines.append("")
+        lines.append(f"{'LoKr modules':<40}{'UNet':>7}{'TE1':>7}{'TE2':>7}{'unmatched':>11}")
+        for spec, count in zip(r.lokrs, plan.lokr_counts):
+            name = spec.path.name if len(spec.path.name) <= 38 else "…" + spec.path.name[-37:]
+            um = sum(len(v) for v in count.unmatched.values())
+            lines.append(
+                f"{name:<40}"
+                + "".join(f"{count.applied.get(c, 0):>7}" for c in ("unet", "text_encoder", "text_encoder_2"))
+                + f"{um:>11}"
+            )
+            for comp, names in count.unmatched.items():
+                lines.append(f"    unmatched {LABELS.get(comp, comp)}: {_few(names, 4)}")
+    if peak is not None:
+        lines.append("")
+        lines.append(
+            f"expected peak memory: {fmt_bytes(peak)} (LoKr tensors {fmt_bytes(sum(c.resident_bytes for c in plan.lokr_counts))}, "
+            f"tensors in flight <= {fmt_bytes(plan.pipeline_bytes())}, "
+            f"largest tensor job {fmt_bytes(plan.max_item_cost())})"
+        )
+    for n in plan.notes:
+        lines.append(f"note: {n}")
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
