@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping
+from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -177,7 +177,8 @@ class PlannedTensor:
     shape: tuple[int, ...]
 
 
-def _header_bytes(plan: Iterable[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
+def header_bytes(plan: Iterable[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length and JSON header of a file holding ``plan`` in order (the one place its layout is written)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -189,6 +190,29 @@ def _header_bytes(plan: Iterable[PlannedTensor], metadata: Mapping[str, str] | N
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
     return struct.pack("<Q", len(raw)) + raw
+
+
+def checked_bytes(
+    path: Path, plan: Sequence[PlannedTensor], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[torch.Tensor]:
+    """Each tensor's raw bytes (flat uint8, CPU, contiguous), in plan order, checked against the plan.
+
+    A tensor whose name, dtype or shape differs from the plan, or a producer
+    that stops early, is an error naming the output file, not a corrupt file.
+    """
+    it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
+    for expected in plan:
+        try:
+            name, t = next(it)
+        except StopIteration:
+            raise CheckpointError(path, f"writer ran out of tensors before {expected.name!r}") from None
+        if name != expected.name or t.dtype != expected.dtype or tuple(t.shape) != expected.shape:
+            raise CheckpointError(
+                path,
+                f"tensor {name!r} {t.dtype}{list(t.shape)} does not match the planned "
+                f"{expected.name!r} {expected.dtype}{list(expected.shape)}",
+            )
+        yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
 def write_safetensors(
@@ -216,24 +240,12 @@ def write_safetensors(
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_header_bytes(plan, metadata))
-            it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
-            for expected in plan:
-                try:
-                    name, t = next(it)
-                except StopIteration:
-                    raise CheckpointError(path, f"writer ran out of tensors before {expected.name!r}") from None
-                if name != expected.name or t.dtype != expected.dtype or tuple(t.shape) != expected.shape:
-                    raise CheckpointError(
-                        path,
-                        f"tensor {name!r} {t.dtype}{list(t.shape)} does not match the planned "
-                        f"{expected.name!r} {expected.dtype}{list(expected.shape)}",
-                    )
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.write(header_bytes(plan, metadata))
+            for data in checked_bytes(path, plan, tensors):
+                if data.numel():
+                    f.write(memoryview(data.numpy()))
                 if progress is not None:
-                    progress(t.numel() * t.element_size())
+                    progress(data.numel())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lokr_trainer.lokr.names import COMPONENTS
-from lokr_trainer.safetensors_io import PlannedTensor, _header_bytes, element_size
+from lokr_trainer.safetensors_io import PlannedTensor, header_bytes, element_size
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def summarize(network: Any, dtype: torch.dtype = torch.float16) -> LoKrSummary:
         return order[comp], int(f) if f.lstrip("-").isdigit() else 0, label
 
     rows = [SummaryRow(c, lab, *v) for (c, lab), v in sorted(groups.items(), key=key)]
-    header = len(_header_bytes(plan, network.file_metadata(dtype)))
+    header = len(header_bytes(plan, network.file_metadata(dtype)))
     modes: dict[str, int] = {}
     for m in network.forward_modes(training=True).values():
         modes[m] = modes.get(m, 0) + 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from lokr_trainer.errors import ConfigError, KeyMapError

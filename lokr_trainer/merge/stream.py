@@ -33,12 +33,13 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Ty
 import torch
 
 from lokr_trainer.errors import CheckpointError, CorruptFileError, KeyMapError, MissingComponentError
-from lokr_trainer.safetensors_io import (  # _header_bytes: the one place the header layout is written
+from lokr_trainer.safetensors_io import (
     PlannedTensor,
     SafetensorsHeader,
     TensorInfo,
-    _header_bytes,
+    checked_bytes,
     element_size,
+    header_bytes,
     read_header,
 )
 from lokr_trainer.sdxl.keys import (
@@ -520,31 +521,19 @@ def write_stream(
     if path.exists() and not overwrite:
         raise CheckpointError(path, "output exists", "pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = torch.frombuffer(bytearray(_header_bytes(plan, metadata)), dtype=torch.uint8)
+    header = torch.frombuffer(bytearray(header_bytes(plan, metadata)), dtype=torch.uint8)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     staged: _StagedFile | None = None
     try:
         staged = _StagedFile(fd, direct)
         staged.write(header)
-        it = iter(tensors)
-        for expected in plan:
-            try:
-                name, t = next(it)
-            except StopIteration:
-                raise CheckpointError(path, f"writer ran out of tensors before {expected.name!r}") from None
-            if name != expected.name or t.dtype != expected.dtype or tuple(t.shape) != expected.shape:
-                raise CheckpointError(
-                    path,
-                    f"tensor {name!r} {t.dtype}{list(t.shape)} does not match the planned "
-                    f"{expected.name!r} {expected.dtype}{list(expected.shape)}",
-                )
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                staged.write(t.reshape(-1).view(torch.uint8))
+        for data in checked_bytes(path, plan, tensors):
+            if data.numel():
+                staged.write(data)
             if progress is not None:
-                progress(t.numel() * t.element_size())
-            del t
+                progress(data.numel())
+            del data
         staged.finish()
         os.fsync(fd)
         os.close(fd)
