@@ -124,10 +124,9 @@ def unet_module_paths(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """
     channels = list(config["block_out_channels"])
     levels = len(channels)
-    lpb = config["layers_per_block"]
-    if not isinstance(lpb, int):
-        lpb = int(lpb[0])
-    attn_levels = {i for i, t in enumerate(config["down_block_types"]) if "CrossAttn" in t}
+    layout = UNetLayout.from_diffusers_config(config)
+    lpb = layout.layers_per_block
+    attn_levels = set(layout.attn_levels)
     depth = _per_level(config.get("transformer_layers_per_block", 1), levels)
     stride = lpb + 1
     out: list[tuple[str, str]] = []
@@ -204,14 +203,7 @@ class ModuleTable:
         cls, unet_config: Mapping[str, Any], te1_layers: int, te2_layers: int
     ) -> "ModuleTable":
         """From the diffusers UNet config and the two encoders' layer counts."""
-        lpb = unet_config["layers_per_block"]
-        layout = UNetLayout(
-            num_levels=len(unet_config["block_out_channels"]),
-            layers_per_block=lpb if isinstance(lpb, int) else int(lpb[0]),
-            attn_levels=tuple(i for i, t in enumerate(unet_config["down_block_types"]) if "CrossAttn" in t),
-        )
-        if layout == SDXL_UNET_LAYOUT:
-            layout = SDXL_UNET_LAYOUT
+        layout = UNetLayout.from_diffusers_config(unet_config)
         entries = [ModuleEntry("unet", p, k) for p, k in unet_module_paths(unet_config)]
         entries += [ModuleEntry("te1", p, k) for p, k in text_encoder_paths(te1_layers)]
         entries += [ModuleEntry("te2", p, k) for p, k in text_encoder_paths(te2_layers)]

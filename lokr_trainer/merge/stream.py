@@ -221,10 +221,7 @@ def _folder_layouts(folder: Path) -> tuple[Layouts, int]:
     ucfg = _read_config(folder / "unet")
     vcfg = _read_config(folder / "vae")
     tcfg = _read_config(folder / "text_encoder")
-    down = list(ucfg.get("down_block_types", []))
-    lpb = ucfg.get("layers_per_block", 2)
-    lpb = lpb if isinstance(lpb, int) else lpb[0]
-    unet = UNetLayout(len(down), lpb, tuple(i for i, t in enumerate(down) if "CrossAttn" in t))
+    unet = UNetLayout.from_diffusers_config(ucfg)
     vae = VAELayout(len(vcfg.get("block_out_channels", [0, 0, 0, 0])))
     return Layouts(unet=unet, vae=vae), int(tcfg.get("max_position_embeddings", 77))
 

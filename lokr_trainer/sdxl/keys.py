@@ -82,6 +82,17 @@ class UNetLayout:
         return (self.num_levels - 1 - up_level) in self.attn_levels
 
     @classmethod
+    def from_diffusers_config(cls, config: Mapping) -> "UNetLayout":
+        """The layout of a diffusers ``UNet2DConditionModel`` config (a dict or the model's FrozenDict)."""
+        down = list(config["down_block_types"])
+        lpb = config.get("layers_per_block", 2)
+        return cls(
+            num_levels=len(down),
+            layers_per_block=lpb if isinstance(lpb, int) else int(lpb[0]),
+            attn_levels=tuple(i for i, t in enumerate(down) if "CrossAttn" in t),
+        )
+
+    @classmethod
     def from_ldm_keys(cls, keys: Iterable[str]) -> "UNetLayout":
         """Infer the layout from LDM UNet names (without the file prefix)."""
         keys = list(keys)

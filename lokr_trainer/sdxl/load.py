@@ -413,15 +413,12 @@ def load_sdxl(
 
 
 def _layouts_of(models: SDXLModels) -> Layouts:
-    from lokr_trainer.sdxl.keys import SDXL_UNET_LAYOUT, UNetLayout, VAELayout
+    from lokr_trainer.sdxl.keys import UNetLayout, VAELayout
 
-    ucfg = models.unet.config
-    lpb = ucfg.layers_per_block
-    attn = tuple(i for i, t in enumerate(ucfg.down_block_types) if "CrossAttn" in t)
-    unet_layout = UNetLayout(len(ucfg.down_block_types), lpb if isinstance(lpb, int) else lpb[0], attn)
-    if unet_layout == SDXL_UNET_LAYOUT:
-        unet_layout = SDXL_UNET_LAYOUT
-    return Layouts(unet=unet_layout, vae=VAELayout(len(models.vae.config.block_out_channels)))
+    return Layouts(
+        unet=UNetLayout.from_diffusers_config(models.unet.config),
+        vae=VAELayout(len(models.vae.config.block_out_channels)),
+    )
 
 
 def _default_passthrough(models: SDXLModels) -> dict[str, torch.Tensor]:
