@@ -299,7 +299,7 @@ class LoKrNetwork(nn.Module):
             out[name] = tensors
         return out
 
-    def file_metadata(self, dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    def file_metadata(self) -> dict[str, str]:
         """``ss_*``, ``modelspec.*`` and ``lokr_trainer.*`` metadata for a save."""
         from lokr_trainer import __version__
 

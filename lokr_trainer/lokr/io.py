@@ -377,7 +377,7 @@ def save_lokr(
     ``metadata`` adds or overrides keys of the network's own (``ss_*``,
     ``modelspec.*``, ``lokr_trainer.*``); values are turned into strings.
     """
-    meta = dict(network.file_metadata(dtype=dtype))
+    meta = dict(network.file_metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     return write_lokr(path, network.file_tensors(), meta, dtype=dtype, overwrite=overwrite)
 

@@ -104,7 +104,7 @@ def summarize(network: Any, dtype: torch.dtype = torch.float16) -> LoKrSummary:
         return order[comp], int(f) if f.lstrip("-").isdigit() else 0, label
 
     rows = [SummaryRow(c, lab, *v) for (c, lab), v in sorted(groups.items(), key=key)]
-    header = len(header_bytes(plan, network.file_metadata(dtype)))
+    header = len(header_bytes(plan, network.file_metadata()))
     modes: dict[str, int] = {}
     for m in network.forward_modes(training=True).values():
         modes[m] = modes.get(m, 0) + 1

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -539,9 +539,6 @@ def model_name_to_file_key(component: str, canonical: str, layouts: Layouts) -> 
     if component == "vae":
         return prefix + vae_diffusers_to_ldm(canonical, layouts.vae), None
     raise KeyMapError(f"unknown component {component!r}")
-
-
-TensorGetter = Callable[[str], torch.Tensor]
 
 
 def convert_file_tensor(
