@@ -9,8 +9,11 @@ Modules, one job each:
     dataset   indexing, the map-style dataset, collation
     sampler   one-bucket batches dealt evenly to ranks, deterministic
     stream    bucketed batches streamed from tar shards
-    cache     validated latent and text-encoder caches
     stats     dataset statistics (``python -m lokr_trainer.data``)
+
+No model code: VAE / text-encoder encoding and the latent / text caches are
+in :mod:`lokr_trainer.train.encode`; :class:`BucketDataset` takes any latent
+cache with ``.lookup(record, plan)``.
 """
 
 from lokr_trainer.data.buckets import Bucket, BucketConfig, BucketSet, CropPlan, make_buckets, plan_crop

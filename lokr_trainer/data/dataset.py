@@ -213,7 +213,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     ``latents`` and ``pixel_values`` are stacked separately: ``latent_rows`` /
     ``pixel_rows`` give each one's positions in the batch (a partly built
-    latent cache yields both; see ``cache.fill_missing_latents``).
+    latent cache yields both; see
+    ``lokr_trainer.train.encode.fill_missing_latents``).
     """
     good = [s for s in samples if "skip" not in s]
     out: dict[str, Any] = {

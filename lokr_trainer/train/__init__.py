@@ -1,1 +1,5 @@
-"""Training: long-prompt encoding and SDXL time ids (``prompts``)."""
+"""Training.
+
+    prompts   long-prompt encoding (300 tokens) and SDXL time ids
+    encode    VAE / text-encoder encoding and the validated latent / text caches
+"""

@@ -1,8 +1,12 @@
-"""Latent and text-encoder caches: hits equal fresh encodes; changed inputs and corrupt entries rebuild."""
+"""Encoding and the latent / text-encoder caches: hits equal fresh encodes; changed inputs and corrupt
+entries rebuild; entries that do not fit the model are a CacheError; ``data`` stays free of model code."""
 
 from __future__ import annotations
 
 import copy
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,14 @@ import torch
 from PIL import Image
 
 from lokr_trainer.data.buckets import BucketConfig, BucketSet, CropPlan
-from lokr_trainer.data.cache import (
+from lokr_trainer.data.dataset import BucketDataset, ImageConfig, collate, index_records
+from lokr_trainer.data.images import load_cropped, to_tensor
+from lokr_trainer.data.sampler import BucketBatchSampler
+from lokr_trainer.data.sources import FolderSource
+from lokr_trainer.data.tags import CaptionConfig, Captioner
+from lokr_trainer.errors import CacheError, ConfigError
+from lokr_trainer.train import encode
+from lokr_trainer.train.encode import (
     LatentCache,
     TextEncoderCache,
     build_latent_cache,
@@ -22,12 +33,6 @@ from lokr_trainer.data.cache import (
     fill_missing_latents,
     sample_latents,
 )
-from lokr_trainer.data.dataset import BucketDataset, ImageConfig, collate, index_records
-from lokr_trainer.data.images import load_cropped, to_tensor
-from lokr_trainer.data.sampler import BucketBatchSampler
-from lokr_trainer.data.sources import FolderSource
-from lokr_trainer.data.tags import CaptionConfig, Captioner
-from lokr_trainer.errors import CacheError, ConfigError
 from lokr_trainer.train.prompts import PromptEncoder
 
 SMALL = BucketConfig(resolution=64, step=32, min_side=32, max_side=128)
@@ -173,7 +178,9 @@ def test_each_rank_caches_its_share(image_dir, tmp_path, vae) -> None:
     ]
 
 
-def test_dataset_serves_cached_latents_and_fills_gaps(image_dir, tmp_path, vae) -> None:
+def test_dataset_serves_cached_latents_and_fills_gaps(image_dir, tmp_path, vae, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(encode, "_warned_uncached", False)
+    caplog.set_level(logging.WARNING, logger="lokr_trainer.train.encode")
     cache = LatentCache.for_vae(tmp_path / "c", vae)
     ds = make_dataset(image_dir, cache=cache)
     # cache only rank 0's half: the rest arrives as pixels and is encoded + stored on the way
@@ -191,10 +198,57 @@ def test_dataset_serves_cached_latents_and_fills_gaps(image_dir, tmp_path, vae) 
             torch.testing.assert_close(moments[row], fresh(ds, vae, i, batch["plans"][row]), rtol=1e-5, atol=1e-5)
             first[i] = moments[row]
     assert n_pixels == 3
+    assert cache.stats.built == 6  # 3 by the build, 3 filled in the loop
+    warned = [r.getMessage() for r in caplog.records if "not in the latent cache" in r.getMessage()]
+    assert len(warned) == 1 and "storing them" in warned[0]  # once per process, not once per batch
     for batch in loader:  # second pass: everything is cached now, exactly what was stored
         assert batch["pixel_values"] is None and len(batch["latent_rows"]) == batch["size"]
         for row, i in enumerate(batch["indices"]):
             assert torch.equal(batch["latents"][row], first[i])
+
+
+def test_latent_entry_of_another_size_is_an_error_not_a_rebuild(image_dir, tmp_path, vae) -> None:
+    root = tmp_path / "c"
+    cache = LatentCache.for_vae(root, vae)
+    assert (cache.scale_factor, cache.latent_channels) == (2, 4)
+    ds = make_dataset(image_dir)
+    build_latent_cache(ds, vae, cache, progress=False)
+    rec = ds.index.records[0]
+    plan = ds.plan(0, 0, rec.width, rec.height)
+    files = sorted((root / "latents").rglob("*.safetensors"))
+    # the same VAE digest but a wrong scale factor: entries are intact but 2x too big for it
+    wrong = LatentCache(root, cache.vae_digest, scale_factor=4, encode_dtype=cache.encode_dtype)
+    h, w = plan.bucket.height, plan.bucket.width
+    with pytest.raises(CacheError) as e:
+        wrong.lookup(rec, plan)
+    msg = str(e.value)
+    assert f"(8, {h // 2}, {w // 2})" in msg and f"(*, {h // 4}, {w // 4})" in msg
+    assert ".safetensors" in msg and str(root) in msg
+    assert "another VAE" in msg and "delete the cache folder" in msg and "scale_factor" in msg
+    with pytest.raises(CacheError, match="does not match this VAE"):
+        build_latent_cache(ds, vae, wrong, progress=False)
+    assert sorted((root / "latents").rglob("*.safetensors")) == files  # nothing deleted or rebuilt
+    assert wrong.stats.corrupt == 0 and cache.lookup(rec, plan) is not None
+
+
+def test_latent_entry_with_other_channels_is_an_error(image_dir, tmp_path, vae) -> None:
+    root = tmp_path / "c"
+    cache = LatentCache.for_vae(root, vae)
+    ds = make_dataset(image_dir)
+    build_latent_cache(ds, vae, cache, progress=False)
+    rec = ds.index.records[0]
+    plan = ds.plan(0, 0, rec.width, rec.height)
+    # a reader that believes in a 8-channel VAE: stored moments have 2*4, it wants 2*8
+    eight = LatentCache(root, cache.vae_digest, cache.scale_factor, cache.encode_dtype, latent_channels=8)
+    with pytest.raises(CacheError, match=r"has shape \(8, \d+, \d+\), but this cache expects \(16, "):
+        eight.lookup(rec, plan)
+    # unchecked by default
+    assert LatentCache(root, cache.vae_digest, cache.scale_factor, cache.encode_dtype).lookup(rec, plan) is not None
+    # storing moments of the wrong width is refused up front, naming the image
+    fresh_cache = LatentCache(tmp_path / "d", cache.vae_digest, cache.scale_factor, latent_channels=8)
+    with pytest.raises(CacheError, match=f"latents for {rec.path}"):
+        fresh_cache.store(rec, plan, cache.lookup(rec, plan))
+    assert not list((tmp_path / "d" / "latents").rglob("*.safetensors"))
 
 
 def test_random_crop_with_latent_cache_is_refused(image_dir, tmp_path, vae) -> None:
@@ -257,6 +311,38 @@ def test_te_cache_hit_equals_fresh_encode_and_validates(image_dir, tmp_path, tin
         cached_text_batch(["a caption nobody encoded"], cache)
     h, p = cached_text_batch(["a caption nobody encoded"], cache, enc)
     assert cache.lookup("a caption nobody encoded") is not None and h.shape == (1, 152, 64)
+
+
+def test_te_cache_entry_of_other_widths_is_an_error(tmp_path, tiny_models) -> None:
+    m = tiny_models
+    enc = PromptEncoder(m.tokenizer, m.tokenizer_2, m.text_encoder, m.text_encoder_2, max_tokens=75)
+    cache = TextEncoderCache.for_encoder(tmp_path / "c", enc)
+    hidden = m.text_encoder.config.hidden_size + m.text_encoder_2.config.hidden_size
+    assert (cache.hidden_dim, cache.pooled_dim) == (hidden, m.text_encoder_2.config.projection_dim)
+    build_text_cache(["1girl, smile"], enc, cache, progress=False)
+    h, p = cache.lookup("1girl, smile")
+    assert h.shape[-1] == cache.hidden_dim and p.shape == (cache.pooled_dim,)
+    digest, settings = cache.te_digest, enc.settings
+    wide = rf"text cache entry .*\.safetensors has hidden .*expected \(L, {hidden + 1}\)"
+    with pytest.raises(CacheError, match=wide):
+        TextEncoderCache(tmp_path / "c", digest, settings, hidden_dim=hidden + 1).lookup("1girl, smile")
+    with pytest.raises(CacheError, match=r"pooled .*expected \(7,\).*delete the cache folder"):
+        TextEncoderCache(tmp_path / "c", digest, settings, pooled_dim=7).lookup("1girl, smile")
+    assert TextEncoderCache(tmp_path / "c", digest, settings).lookup("1girl, smile") is not None  # unchecked
+    with pytest.raises(CacheError, match="caption '1girl'"):
+        cache.store("1girl", h[:, :-1], p)
+    assert cache.lookup("1girl") is None  # nothing was written
+
+
+def test_data_package_imports_no_model_code() -> None:
+    code = (
+        "import sys, lokr_trainer.data, lokr_trainer.data.stream, lokr_trainer.data.stats; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers') "
+        "or m.startswith(('lokr_trainer.train', 'lokr_trainer.sdxl', 'lokr_trainer.lokr'))); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_wrong_metadata_size_is_skipped_not_cached(image_dir, tmp_path, vae) -> None:

@@ -1,4 +1,7 @@
-"""Validated on-disk caches: VAE latents and text-encoder outputs.
+"""VAE / text-encoder encoding and the validated on-disk caches of their outputs.
+
+(Model code, so it lives in ``train``; ``data`` only duck-types a latent
+cache: any object with ``.lookup(record, plan)``.)
 
 Why not kohya's ``<stem>_<W>x<H>_sdxl.npz``: its validity check is "file
 exists and has the keys" (sd-scripts #1771), so a changed resolution, bucket
@@ -12,11 +15,16 @@ checksum of the tensor bytes:
 * text-encoder outputs: the caption text, both encoders' weights digest,
   tokenizer ids, ``max_tokens``/layout, format version.
 
-A lookup re-checks metadata, shape and checksum; anything that does not match
-(changed input → different name → miss; truncated, bit-flipped or foreign
-file → corrupt) is rebuilt, never reused.  Writes go to a temporary file that
-is renamed into place, so an interrupted build leaves only complete entries
-and resuming skips them.
+A lookup re-checks metadata, checksum and shape.  A changed input gives a
+different name (a miss, built on the way); a damaged entry (truncated,
+bit-flipped, unreadable or foreign file) is logged, deleted and rebuilt, never
+reused.  An intact entry whose shape does not fit the model (latent size not
+``bucket / scale_factor``, channels not ``2 × latent_channels``, hidden or
+pooled width not the encoders') is a :class:`~lokr_trainer.errors.CacheError`
+naming the file: the cache was built for another model or the cache object
+was set up wrong, and rebuilding on every read would hide that.  Writes go to
+a temporary file that is renamed into place, so an interrupted build leaves
+only complete entries and resuming skips them.
 
 Latent entries store the VAE's distribution *moments* (mean ‖ logvar,
 unscaled) instead of one sample, so training can draw a fresh sample every
@@ -49,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 _HASH_CHUNK = 1 << 20
+_warned_uncached = False  # fill_missing_latents warns once per process
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -264,6 +273,11 @@ class LatentCache(_EntryStore):
         scale_factor: pixel → latent downsampling (:func:`vae_scale_factor`).
         encode_dtype: dtype the VAE ran in (fp32 vs fp16 latents differ).
         rank: process rank, for the per-rank hash memo file.
+        latent_channels: the VAE's ``config.latent_channels`` (entries hold
+            twice that: mean ‖ logvar); ``None`` leaves the channels unchecked.
+
+    An entry whose shape is not ``(2·latent_channels, H/f, W/f)`` for its
+    bucket raises :class:`CacheError` (on lookup and on store).
     """
 
     def __init__(
@@ -273,16 +287,51 @@ class LatentCache(_EntryStore):
         scale_factor: int = 8,
         encode_dtype: torch.dtype | str = "float32",
         rank: int = 0,
+        latent_channels: int | None = None,
     ) -> None:
         super().__init__(Path(root) / "latents")
         self.vae_digest = vae_digest
         self.scale_factor = scale_factor
         self.encode_dtype = str(encode_dtype).replace("torch.", "")
+        self.latent_channels = latent_channels
         self.hasher = ContentHasher(Path(root), rank)
 
     @classmethod
     def for_vae(cls, root: str | os.PathLike, vae: Any, rank: int = 0) -> "LatentCache":
-        return cls(root, module_digest(vae), vae_scale_factor(vae), next(vae.parameters()).dtype, rank)
+        return cls(
+            root,
+            module_digest(vae),
+            vae_scale_factor(vae),
+            next(vae.parameters()).dtype,
+            rank,
+            latent_channels=int(vae.config.latent_channels),
+        )
+
+    def expected_shape(self, plan: CropPlan) -> tuple[int | None, int, int]:
+        """``(channels or None, H, W)`` of this plan's moments; channels is ``None`` when unchecked."""
+        ch = None if self.latent_channels is None else 2 * self.latent_channels
+        return ch, plan.bucket.height // self.scale_factor, plan.bucket.width // self.scale_factor
+
+    def _check_shape(self, m: torch.Tensor, plan: CropPlan, path: Path | str, stored: bool) -> None:
+        want = self.expected_shape(plan)
+        ok = m.ndim == 3 and tuple(m.shape[1:]) == want[1:] and (want[0] is None or m.shape[0] == want[0])
+        if ok:
+            return
+        shown = "(" + ", ".join("*" if d is None else str(d) for d in want) + ")"
+        what = (
+            f"latent cache entry {path} has shape {tuple(m.shape)}"
+            if stored
+            else f"latents for {path} have shape {tuple(m.shape)}"
+        )
+        raise CacheError(
+            f"{what}, but this cache expects {shown} for bucket "
+            f"{plan.bucket.width}x{plan.bucket.height} (scale_factor={self.scale_factor}, "
+            f"latent_channels={self.latent_channels}): the cache does not match this VAE. "
+            "Either it was built with another VAE, or the LatentCache was given a wrong "
+            "scale_factor/latent_channels (create it with LatentCache.for_vae(root, vae), or pass "
+            f"scale_factor=vae_scale_factor(vae) and the VAE's config.latent_channels); "
+            f"otherwise delete the cache folder {self.root.parent} and build it again"
+        )
 
     def fields(self, content_hash: str, plan: CropPlan) -> dict[str, str]:
         return {
@@ -301,23 +350,27 @@ class LatentCache(_EntryStore):
         return _key(f), f
 
     def lookup(self, rec: SampleRecord, plan: CropPlan) -> torch.Tensor | None:
-        """Cached moments for this sample, or ``None`` (absent, stale or corrupt → rebuilt by the caller)."""
+        """Cached moments for this sample, or ``None`` (absent, or corrupt and deleted → rebuilt by the caller).
+
+        Raises:
+            CacheError: the entry is intact but its shape does not fit this VAE / bucket.
+        """
         key, f = self.key_for(rec, plan)
         out = self._load(key, f, ["moments"])
         if out is None:
             return None
         m = out["moments"]
-        want = (plan.bucket.height // self.scale_factor, plan.bucket.width // self.scale_factor)
-        if m.ndim != 3 or tuple(m.shape[1:]) != want:
+        try:
+            self._check_shape(m, plan, _entry_path(self.root, key), stored=True)
+        except CacheError:
             self.stats.hits -= 1
-            self.stats.corrupt += 1
-            logger.warning("cache entry %s has shape %s, expected (*, %d, %d); rebuilding", key, tuple(m.shape), *want)
-            _entry_path(self.root, key).unlink(missing_ok=True)
-            return None
+            raise
         return m
 
     def store(self, rec: SampleRecord, plan: CropPlan, moments: torch.Tensor) -> Path:
+        """Write one entry; moments that do not fit this cache's VAE settings raise :class:`CacheError`."""
         key, f = self.key_for(rec, plan)
+        self._check_shape(moments, plan, rec.where, stored=False)
         return self._store(key, {"moments": moments}, f)
 
 
@@ -467,8 +520,11 @@ def fill_missing_latents(
     """All of a batch's latent moments in batch order, encoding rows that came as pixels.
 
     With ``cache`` and ``dataset`` given, freshly encoded rows are stored, so a
-    partly built cache fills itself during the first epoch.
+    partly built cache fills itself during the first epoch (an image added
+    after the build, say).  The first time a batch brings pixels while a cache
+    is given, a warning says how many rows were not cached (once per process).
     """
+    global _warned_uncached
     n = batch["size"]
     if n == 0:
         raise CacheError("empty batch: every image in it was skipped")
@@ -477,6 +533,17 @@ def fill_missing_latents(
         for row, m in zip(batch["latent_rows"], batch["latents"]):
             parts[row] = m
     if batch["pixel_values"] is not None:
+        if cache is not None and not _warned_uncached:
+            _warned_uncached = True
+            logger.warning(
+                "%d of %d rows of a batch are not in the latent cache %s; encoding them with the VAE "
+                "in the training loop%s (build the cache beforehand with build_latent_cache; "
+                "this warning is shown once)",
+                len(batch["pixel_rows"]),
+                n,
+                cache.root,
+                " and storing them" if dataset is not None else "",
+            )
         enc = encode_moments(vae, batch["pixel_values"])
         for row, m in zip(batch["pixel_rows"], enc):
             parts[row] = m
@@ -516,18 +583,34 @@ def tokenizer_fingerprint(*tokenizers: Any) -> str:
     return "|".join(parts)
 
 
+def _config_int(module: Any, name: str) -> int | None:
+    value = getattr(getattr(module, "config", None), name, None)
+    return None if value is None else int(value)
+
+
 class TextEncoderCache(_EntryStore):
     """Text-encoder outputs (``hidden`` (L, D), ``pooled`` (P)) per caption.
 
     ``te_digest`` covers both encoders' weights and the tokenizers
     (:meth:`for_encoder` computes it); ``settings`` are the prompt encoder's
-    ``max_tokens``/layout.
+    ``max_tokens``/layout.  ``hidden_dim`` (D: TE1 + TE2 hidden sizes, 2048
+    for SDXL) and ``pooled_dim`` (P: TE2's projection, 1280), when given, are
+    checked on lookup and store: an entry of another width is a :class:`CacheError`.
     """
 
-    def __init__(self, root: str | os.PathLike, te_digest: str, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        te_digest: str,
+        settings: Mapping[str, Any],
+        hidden_dim: int | None = None,
+        pooled_dim: int | None = None,
+    ) -> None:
         super().__init__(Path(root) / "text")
         self.te_digest = te_digest
         self.settings = json.dumps(dict(settings), sort_keys=True)
+        self.hidden_dim = hidden_dim
+        self.pooled_dim = pooled_dim
 
     @classmethod
     def for_encoder(cls, root: str | os.PathLike, encoder: Any) -> "TextEncoderCache":
@@ -535,7 +618,25 @@ class TextEncoderCache(_EntryStore):
         digest = hashlib.sha256(
             (digest + tokenizer_fingerprint(encoder.tokenizer, encoder.tokenizer_2)).encode()
         ).hexdigest()
-        return cls(root, digest, encoder.settings)
+        h1 = _config_int(encoder.text_encoder, "hidden_size")
+        h2 = _config_int(encoder.text_encoder_2, "hidden_size")
+        hidden = None if h1 is None or h2 is None else h1 + h2
+        return cls(root, digest, encoder.settings, hidden, _config_int(encoder.text_encoder_2, "projection_dim"))
+
+    def _check_shape(self, hidden: torch.Tensor, pooled: torch.Tensor, what: str) -> None:
+        bad = []
+        if hidden.ndim != 2 or (self.hidden_dim is not None and hidden.shape[-1] != self.hidden_dim):
+            bad.append(f"hidden {tuple(hidden.shape)}, expected (L, {self.hidden_dim or '*'})")
+        if pooled.ndim != 1 or (self.pooled_dim is not None and pooled.shape[0] != self.pooled_dim):
+            bad.append(f"pooled {tuple(pooled.shape)}, expected ({self.pooled_dim or '*'},)")
+        if bad:
+            raise CacheError(
+                f"{what} has " + " and ".join(bad) + ": the cache does not match these text encoders. "
+                "Either it was built with other encoders, or the TextEncoderCache was given a wrong "
+                "hidden_dim/pooled_dim (create it with TextEncoderCache.for_encoder(root, encoder): "
+                "hidden = TE1 + TE2 hidden_size, pooled = TE2 projection_dim); otherwise delete the "
+                f"cache folder {self.root.parent} and build it again"
+            )
 
     def fields(self, caption: str) -> dict[str, str]:
         return {
@@ -546,11 +647,25 @@ class TextEncoderCache(_EntryStore):
         }
 
     def lookup(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached ``(hidden, pooled)``, or ``None`` (absent, or corrupt and deleted).
+
+        Raises:
+            CacheError: the entry is intact but its widths do not fit these encoders.
+        """
         f = self.fields(caption)
-        out = self._load(_key(f), f, ["hidden", "pooled"])
-        return None if out is None else (out["hidden"], out["pooled"])
+        key = _key(f)
+        out = self._load(key, f, ["hidden", "pooled"])
+        if out is None:
+            return None
+        try:
+            self._check_shape(out["hidden"], out["pooled"], f"text cache entry {_entry_path(self.root, key)}")
+        except CacheError:
+            self.stats.hits -= 1
+            raise
+        return out["hidden"], out["pooled"]
 
     def store(self, caption: str, hidden: torch.Tensor, pooled: torch.Tensor) -> Path:
+        self._check_shape(hidden, pooled, f"the encoding of caption {caption[:60]!r}")
         f = self.fields(caption)
         return self._store(_key(f), {"hidden": hidden, "pooled": pooled}, f)
 
