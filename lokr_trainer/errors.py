@@ -96,3 +96,7 @@ class UnmatchedModuleError(MergeError):
 
 class NonFiniteResultError(MergeError, ArithmeticError):
     """A merged tensor holds inf or nan; the output is not written."""
+
+
+class TrainingError(LokrTrainerError):
+    """A run cannot go on (e.g. too many non-finite steps in a row); the last good state is kept."""
