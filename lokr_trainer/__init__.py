@@ -6,6 +6,9 @@ Subpackages:
 """
 
 from lokr_trainer.errors import LokrTrainerError
+from lokr_trainer.quiet import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # diffusers and lycoris import bitsandbytes, which warns about an optional package
 
 __version__ = "0.1.0"
 

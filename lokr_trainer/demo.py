@@ -1,13 +1,12 @@
 """End-to-end demo on the embedded tiny SDXL: ``python -m lokr_trainer.demo``.
 
-Runs offline on a CPU in seconds and exercises what a real run does with a
+Runs offline on a CPU in about a minute and does what a real run does with a
 7 GB checkpoint: write an SDXL model in both layouts, load each, check they
-agree bit for bit, save again and verify the round trip; attach LoKr
-adapters (the ``kohaku-xl-delta`` preset) to the UNet and both text
-encoders, give them non-zero weights, save the adapter file, bake it into a
-full checkpoint with the streaming merge, and check that the baked model
-equals the base with the adapter attached.  Training extends this command
-when the training engine lands.
+agree bit for bit, save again and verify the round trip; write a small
+captioned image set, train ``configs/demo.toml`` (the ``kohaku-xl-delta``
+LoKr on the UNet and both text encoders, cached latents, validation loss at
+fixed noise), bake the trained adapter with ``python -m lokr_trainer.merge``,
+and check that the baked model equals the base with the adapter attached.
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+#: The run config the demo trains (tiny model, CPU, about a minute).
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+
 
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -28,7 +30,7 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-def run(out_dir: Path, seed: int = 0) -> dict[str, object]:
+def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, object]:
     """Do the demo; return the report as a dict (also used by the tests)."""
     from safetensors import safe_open
 
@@ -60,9 +62,9 @@ def run(out_dir: Path, seed: int = 0) -> dict[str, object]:
             if a.get_tensor(k).is_floating_point()
         )
     params = {c: sum(p.numel() for p in getattr(single, c).parameters()) for c in COMPONENTS}
-    lokr = _lokr_and_merge(paths.single_file, out_dir, seed)
+    trained = _train_and_bake(paths.single_file, out_dir, seed, progress)
     return {
-        **lokr,
+        **trained,
         "single_file": str(paths.single_file),
         "diffusers_dir": str(paths.diffusers_dir),
         "keys_per_component": keys_per_component,
@@ -89,42 +91,87 @@ def _unet_output(models, seed: int) -> torch.Tensor:
         ).sample
 
 
-def _lokr_and_merge(base: Path, out_dir: Path, seed: int) -> dict[str, object]:
-    """Adapter on the tiny model, saved, baked by the streaming merge, checked."""
-    from lokr_trainer.lokr import LoKrConfig, attach_lokr
-    from lokr_trainer.merge import bake_lokr
-    from lokr_trainer.sdxl import load_sdxl
+def _te_outputs(models, seed: int) -> torch.Tensor:
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
+    with torch.no_grad():
+        h1 = models.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        h2 = models.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
+    return torch.cat([h1.flatten(), h2.flatten()])
 
-    models = load_sdxl(base)
-    net = attach_lokr(models, LoKrConfig.from_preset("kohaku-xl-delta"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # LoKr starts at ΔW = 0; give it something to bake
-        for p in net.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    summary = str(net.summary(torch.float32))
-    attached = _unet_output(models, seed)
-    adapter = net.save(out_dir / "demo_lokr.safetensors", dtype=torch.float32)
+
+def _train_and_bake(base: Path, out_dir: Path, seed: int, progress: bool) -> dict[str, object]:
+    """Train configs/demo.toml on a generated image set, bake with the merge CLI, check baked == adapted."""
+    from lokr_trainer.config import load_config
+    from lokr_trainer.lokr.attach import attach_lokr_from_file
+    from lokr_trainer.merge.__main__ import main as merge_main
+    from lokr_trainer.sdxl import load_sdxl
+    from lokr_trainer.testing import make_tiny_dataset
+    from lokr_trainer.train.loop import Trainer
+
+    data = make_tiny_dataset(out_dir / "data", n=8, seed=seed)
+    run_dir = out_dir / "run"
+    if run_dir.exists():  # the demo always starts afresh
+        import shutil
+
+        shutil.rmtree(run_dir)
+    overrides = [
+        f"model.path={base}",
+        f"data.path=[{str(data)!r}]",
+        f"validation.path=[{str(data)!r}]",
+        f"train.output_dir={run_dir}",
+        f"train.seed={seed}",
+    ]
+    cfg = load_config(DEMO_CONFIG, overrides)
+    trainer = Trainer(cfg, progress=progress)
     t0 = time.perf_counter()
-    result = bake_lokr(base, [f"{adapter}:1.0"], out_dir / "tiny_sdxl_baked.safetensors", dtype="fp32",
-                       overwrite=True, progress=False)
+    result = trainer.fit()
+    t_train = time.perf_counter() - t0
+    val = trainer.validation_history
+
+    baked = out_dir / "tiny_sdxl_trained_baked.safetensors"
+    t0 = time.perf_counter()
+    rc = merge_main(["--base", str(base), "--lokr", f"{result.adapter}:1.0", "--out", str(baked),
+                     "--dtype", "fp32", "--overwrite", "--no-progress"])
     t_bake = time.perf_counter() - t0
-    baked = _unet_output(load_sdxl(result.out), seed)
+    adapted = load_sdxl(base)
+    attach_lokr_from_file(adapted, result.adapter)
+    merged = load_sdxl(baked)
+    diff_unet = (_unet_output(adapted, seed) - _unet_output(merged, seed)).abs().max().item()
+    diff_te = (_te_outputs(adapted, seed) - _te_outputs(merged, seed)).abs().max().item()
+    plain = load_sdxl(base)
+    changed = not torch.allclose(_unet_output(plain, seed), _unet_output(adapted, seed))
     return {
-        "lokr_summary": summary,
-        "lokr_file": str(adapter),
-        "baked_file": str(result.out),
+        "data_dir": str(data),
+        "run_dir": str(run_dir),
+        "config": str(run_dir / "config.toml"),
+        "adapter": str(result.adapter),
+        "samples": sorted(str(p) for p in (run_dir / "samples").rglob("*.png")),
+        "steps": result.steps_done,
+        "train_seconds": round(t_train, 1),
+        "train_loss_first_last": (_mean(result.losses[:10]), _mean(result.losses[-10:])),
+        "validation_losses": val,
+        "merge_exit_code": rc,
+        "baked_file": str(baked),
         "bake_seconds": round(t_bake, 2),
-        "baked_vs_attached_max_abs_diff": (baked - attached).abs().max().item(),
-        "adapter_changes_output": not torch.allclose(attached, _unet_output(load_sdxl(base), seed)),
+        "baked_vs_adapted_max_abs_diff": max(diff_unet, diff_te),
+        "adapter_changes_output": changed,
     }
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lokr_trainer.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    report = run(args.out, args.seed)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    report = run(args.out, args.seed, progress=not args.no_progress)
     print("lokr_trainer demo — tiny SDXL, offline")
     print(f"  single file      {report['single_file']} ({report['file_size']})")
     print(f"  diffusers folder {report['diffusers_dir']}")
@@ -135,19 +182,31 @@ def main(argv: list[str] | None = None) -> int:
         f"  fp16 re-save: same key set {report['fp16_resave_same_keys']}, "
         f"max |error| {report['fp16_resave_max_abs_error']:.2e} -> {report['fp16_resave']}"
     )
-    print(f"  timings (s): {report['seconds']}")
-    print("LoKr adapter (kohaku-xl-delta preset on the tiny model):")
-    print("  " + str(report["lokr_summary"]).replace("\n", "\n  "))
-    print(f"  adapter file {report['lokr_file']}")
+    first, last = report["train_loss_first_last"]  # type: ignore[misc]
+    print(f"training (configs/demo.toml, kohaku-xl-delta LoKr on UNet + both TEs, {report['steps']} steps, "
+          f"{report['train_seconds']} s):")
+    print(f"  training loss     mean of first 10 steps {first:.4f} -> last 10 steps {last:.4f}")
+    curve = ", ".join(f"step {s}: {v:.4f}" for s, v in report["validation_losses"])  # type: ignore[union-attr]
+    print(f"  validation loss   (fixed noise and timesteps) {curve}")
+    print(f"  images + captions {report['data_dir']}")
+    print(f"  resolved config   {report['config']}")
+    print(f"  adapter           {report['adapter']}")
+    for p in report["samples"]:  # type: ignore[union-attr]
+        print(f"  sample image      {p}")
+    print(f"  TensorBoard logs  {report['run_dir']}/logs  (tensorboard --logdir {report['run_dir']}/logs)")
     print(
-        f"  baked with the streaming merge in {report['bake_seconds']} s -> {report['baked_file']}; "
-        f"baked UNet vs base+adapter max |diff| {report['baked_vs_attached_max_abs_diff']:.2e}"
+        f"baked with python -m lokr_trainer.merge in {report['bake_seconds']} s -> {report['baked_file']}; "
+        f"baked vs adapted model (UNet + both TEs) max |diff| {report['baked_vs_adapted_max_abs_diff']:.2e}"
     )
+    vals = [v for _, v in report["validation_losses"]]  # type: ignore[union-attr]
     ok = (
         bool(report["layouts_bit_identical"])
         and bool(report["fp16_resave_same_keys"])
         and bool(report["adapter_changes_output"])
-        and float(report["baked_vs_attached_max_abs_diff"]) <= 1e-5  # type: ignore[arg-type]
+        and report["merge_exit_code"] == 0
+        and float(report["baked_vs_adapted_max_abs_diff"]) <= 1e-5  # type: ignore[arg-type]
+        and len(vals) >= 2
+        and vals[-1] < vals[0]
     )
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lokr_trainer.errors import ConfigError, WrongModelError
+from lokr_trainer.quiet import quiet_bitsandbytes
 from lokr_trainer.lokr import forward as fwd
 from lokr_trainer.lokr.io import (
     MODELSPEC_ARCHITECTURE,
@@ -83,6 +84,7 @@ class LoKrNetwork(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        quiet_bitsandbytes()  # lycoris imports bitsandbytes
         from lycoris.modules.lokr import LokrModule
 
         self.config = config
@@ -413,6 +415,7 @@ def attach_lokr(models: Any, config: LoKrConfig | Mapping[str, Any] | None = Non
 
 def infer_settings(module: LoKrModuleWeights, weight_shape: Sequence[int], base: ModuleSettings) -> ModuleSettings:
     """Constructor settings that make lycoris build ``module``'s exact factor shapes."""
+    quiet_bitsandbytes()
     from lycoris.functional.general import factorization
 
     out, cin = int(weight_shape[0]), int(weight_shape[1])

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class Trainer:
         self.layout = Layout(config.train.batch_size, accum, acc.num_processes)
         assert self.layout.global_batch == global_batch
         self.rank = acc.process_index
+        #: (step, validation loss) pairs of this fit() call, on the main process
+        self.validation_history: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------------ checks before any model loads
 
@@ -171,8 +174,12 @@ class Trainer:
 
         # TE adapters unused by a step, or module dropout, leave parameters without gradients
         find_unused = self.cfg.lokr.module_dropout > 0
+        # accelerate only sets up gloo (MULTI_CPU) when told cpu=True: without it a 2-process CPU
+        # launch silently runs as 2 independent single processes
+        cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         try:
             return Accelerator(
+                cpu=cpu,
                 mixed_precision=self.cfg.train.mixed_precision,
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
             )
@@ -226,10 +233,11 @@ class Trainer:
 
         m = self.cfg.model
         models = load_sdxl(m.path, dtype=None, allow_pickle=m.allow_pickle)
-        base = DTYPES[m.dtype]
-        for name in ("unet", "text_encoder", "text_encoder_2"):
-            getattr(models, name).to(base)
-        models.vae.to(DTYPES[m.vae_dtype])
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            model = getattr(models, name)
+            want = DTYPES[m.vae_dtype if name == "vae" else m.dtype]
+            if next(model.parameters()).dtype != want:  # diffusers warns on every .to(dtype)
+                model.to(want)
         return models
 
     # ------------------------------------------------------------------ fit
@@ -241,7 +249,7 @@ class Trainer:
         from lokr_trainer.lokr import attach_lokr
         from lokr_trainer.train.diffusion import make_schedule_from_config
         from lokr_trainer.train.identity import data_digest, model_sha256
-        from lokr_trainer.train.module import DrawSettings, SDXLTrainingModule
+        from lokr_trainer.train.module import DrawSettings, SDXLTrainingModule, freeze_unreachable_adapters
         from lokr_trainer.train.optim import build_optimizer, build_scheduler
         from lokr_trainer.train.prompts import PromptEncoder
 
@@ -281,6 +289,9 @@ class Trainer:
 
         # --- model -------------------------------------------------------------------------
         models = self._load_models()
+        from accelerate.utils import set_seed
+
+        set_seed(tc.seed)  # lycoris initialises W1 from the global RNG: same seed, same initial adapter
         network = attach_lokr(models, cfg.lokr, dtype=torch.float32)
         prompt_encoder = PromptEncoder(
             models.tokenizer,
@@ -310,6 +321,9 @@ class Trainer:
             if tc.train_text_encoders:
                 for te in (models.text_encoder, models.text_encoder_2):
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        frozen = freeze_unreachable_adapters(network, models.text_encoder)
+        if frozen:
+            logger.info("%d TE1 adapters of its last layer get no gradient (SDXL uses TE1's penultimate layer): kept at ΔW = 0", len(frozen))
         o = cfg.optimizer
         groups = network.param_groups(unet_lr=o.unet_lr, te1_lr=o.te1_lr, te2_lr=o.te2_lr)
         optimizer = build_optimizer(o.name, groups, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
@@ -442,6 +456,8 @@ class Trainer:
         if tc.train_text_encoders:
             models.text_encoder.train()
             models.text_encoder_2.train()
+        if cfg.validation.every > 0 and start_step == 0:
+            self._validate(0, writer, vae, prompt_encoder, scaling, shift)  # the curve's starting point
         it = iter(loader)
         bar = tqdm(
             total=total_steps, initial=start_step, desc="training", unit="step",
@@ -643,7 +659,7 @@ class Trainer:
             logger.info("step %d: validation loss %.5f", step, loss)
             if writer is not None:
                 writer.add_scalar("validation/loss", loss, step)
-            self.last_validation_loss = loss
+            self.validation_history.append((step, loss))
         acc.wait_for_everyone()
 
     def _sample(self, step: int, writer: Any) -> None:

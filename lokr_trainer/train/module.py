@@ -90,6 +90,22 @@ def latents_from_moments(moments: torch.Tensor, eps: torch.Tensor, scaling: floa
     return (mean + std * eps.to(mean.device) - shift) * scaling
 
 
+def freeze_unreachable_adapters(network: Any, text_encoder: nn.Module) -> list[str]:
+    """Freeze adapters that can never get a gradient; returns their names.
+
+    SDXL conditions on TE1's *penultimate* hidden state, so TE1's last
+    encoder layer does not touch the loss: its adapters would stay at ΔW = 0,
+    and under DDP their missing gradients stop the run ("Expected to have
+    finished reduction…").  They stay in the file (ΔW = 0), untrained.
+    """
+    last = int(text_encoder.config.num_hidden_layers) - 1
+    prefix = f"text_model.encoder.layers.{last}."
+    names = [n for n in network.names("te1") if network.entries[n].path.startswith(prefix)]
+    for n in names:
+        network.lokr[n].requires_grad_(False)
+    return names
+
+
 class SDXLTrainingModule(nn.Module):
     """Frozen UNet + text encoders + trainable LoKr network; ``forward(batch)`` returns (B,) losses.
 

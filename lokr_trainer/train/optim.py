@@ -13,7 +13,6 @@ every optimizer here keeps each group's own ``lr`` and ``name``.
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lokr_trainer.quiet import quiet_bitsandbytes
 from lokr_trainer.errors import ConfigError
 
 __all__ = [
@@ -36,26 +36,9 @@ __all__ = [
 OPTIMIZERS = ("lion8bit", "adamw8bit", "adamw", "lion")
 SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 
-# bitsandbytes' CPU backend logs this warning (through the logging "last resort" handler,
-# i.e. to stderr) on every import when the optional `kernels` package is absent.  It is
-# harmless for us (it concerns 4-bit matmuls, which training never uses).
-_BNB_NOISY_LOGGER = "bitsandbytes.backends.cpu.ops"
-_BNB_NOISE = "kernels-community"
-
-
-class _DropBnbKernelsNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            return _BNB_NOISE not in record.getMessage()
-        except Exception:  # a malformed record is not ours to judge
-            return True
-
-
 def _import_bitsandbytes() -> Any:
     """Import bitsandbytes lazily, without its import-time ``kernels-community`` warning."""
-    logger = logging.getLogger(_BNB_NOISY_LOGGER)
-    if not any(isinstance(f, _DropBnbKernelsNoise) for f in logger.filters):
-        logger.addFilter(_DropBnbKernelsNoise())
+    quiet_bitsandbytes()
     try:
         return importlib.import_module("bitsandbytes")
     except ImportError as exc:

@@ -16,7 +16,7 @@ import torch
 @torch.no_grad()
 def sample_images(models: Any, prompt_encoder: Any, cfg: Any, out_dir: Path, device: Any) -> list[Path]:
     """Render ``cfg.prompts`` (one image each) into ``out_dir/NN.png``; returns the paths."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from lokr_trainer.sdxl.load import _quiet_transformers
 
     if not cfg.prompts:
         return []
@@ -25,6 +25,10 @@ def sample_images(models: Any, prompt_encoder: Any, cfg: Any, out_dir: Path, dev
     for m in modules:
         m.eval()
     try:
+        with _quiet_transformers():  # torchvision-less image-processor notes, unused scheduler keys
+            from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+            scheduler = EulerDiscreteScheduler.from_config(models.scheduler_config)
         pipe = StableDiffusionXLPipeline(
             vae=models.vae,
             text_encoder=models.text_encoder,
@@ -32,7 +36,7 @@ def sample_images(models: Any, prompt_encoder: Any, cfg: Any, out_dir: Path, dev
             tokenizer=models.tokenizer,
             tokenizer_2=models.tokenizer_2,
             unet=models.unet,
-            scheduler=EulerDiscreteScheduler.from_config(models.scheduler_config),
+            scheduler=scheduler,
         )
         pipe.set_progress_bar_config(disable=True)
         out_dir = Path(out_dir)

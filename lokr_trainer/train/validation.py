@@ -30,9 +30,13 @@ def validation_loss(module: Any, dataset: Any, vae: Any, cfg: Any, scaling: floa
     module.unet.eval()
     total, count = 0.0, 0
     n = min(len(dataset), cfg.max_samples)
+    by_bucket: dict[int, list[int]] = {}
+    for i in range(n):  # one bucket (one image size) per batch
+        by_bucket.setdefault(int(dataset.index.bucket_ids[i]), []).append(i)
+    chunks = [ids[k : k + cfg.batch_size] for _, ids in sorted(by_bucket.items()) for k in range(0, len(ids), cfg.batch_size)]
     try:
-        for start in range(0, n, cfg.batch_size):
-            batch = collate([dataset[(0, i)] for i in range(start, min(n, start + cfg.batch_size))])
+        for chunk in chunks:
+            batch = collate([dataset[(0, i)] for i in chunk])
             if batch["size"] == 0:
                 continue
             moments = encode_moments(vae, batch["pixel_values"]) if batch["pixel_values"] is not None else batch["latents"]
