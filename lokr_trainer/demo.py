@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = run(args.out, args.seed, progress=not args.no_progress)
+    return 0 if print_report(report) else 1
+
+
+def print_report(report: dict[str, object]) -> bool:
+    """Print what the demo did; True when every check passed."""
     print("lokr_trainer demo — tiny SDXL, offline")
     print(f"  single file      {report['single_file']} ({report['file_size']})")
     print(f"  diffusers folder {report['diffusers_dir']}")
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         and vals[-1] < vals[0]
     )
     print("demo OK" if ok else "demo FAILED")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

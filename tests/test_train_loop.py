@@ -32,12 +32,12 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=8, seed=0)
 
 
-def config(tiny_sdxl, data: Path, out: Path, **tables) -> RunConfig:
+def config(tiny_sdxl, images: Path, out: Path, **tables) -> RunConfig:
     d = {
         "model": {"path": str(tiny_sdxl.single_file)},
         "lokr": {"preset": "kohaku-xl-delta"},
         "data": {
-            "path": [str(data)],
+            "path": [str(images)],
             "resolution": 64,
             "min_bucket": 32,
             "max_bucket": 128,
@@ -54,6 +54,10 @@ def config(tiny_sdxl, data: Path, out: Path, **tables) -> RunConfig:
     for table, values in tables.items():
         d.setdefault(table, {}).update(values)
     return RunConfig.from_dict(d)
+
+
+#: kohaku-xl-delta without the tiny UNet's degenerate ResNet time projections (see the layout test)
+NO_EMB = {"preset": "kohaku-xl-delta", "exclude": ["*emb_layers*"]}
 
 
 def fit(cfg: RunConfig, **kw):
@@ -150,7 +154,7 @@ def test_two_processes_equal_accumulation_equal_bigger_batch(tiny_sdxl, tiny_dat
     """
     common = {"max_steps": 5, "seed": 3}
     opt = {"name": "adamw"}
-    lokr = {"preset": "kohaku-xl-delta", "exclude": ["*emb_layers*"]}
+    lokr = NO_EMB
     accum = config(tiny_sdxl, tiny_data, tmp_path / "accum", train={**common, "batch_size": 2, "grad_accum": 2}, optimizer=opt, lokr=lokr)
     big = config(tiny_sdxl, tiny_data, tmp_path / "big", train={**common, "batch_size": 4, "grad_accum": 1}, optimizer=opt, lokr=lokr)
     ddp = config(tiny_sdxl, tiny_data, tmp_path / "ddp", train={**common, "batch_size": 2, "global_batch": 4}, optimizer=opt, lokr=lokr)
@@ -227,7 +231,7 @@ def test_resume_refuses_a_config_that_changes_the_run(tiny_sdxl, tiny_data, tmp_
     out = tmp_path / "run"
     fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 4, "stop_after": 2}))
     changed = config(tiny_sdxl, tiny_data, out, train={"max_steps": 4, "seed": 9}, optimizer={"unet_lr": 5e-4})
-    with pytest.raises(ConfigError, match=r"train\.seed: 1 -> 9.*optimizer\.unet_lr"):
+    with pytest.raises(ConfigError, match=r"optimizer\.unet_lr: 0\.001 -> 0\.0005; train\.seed: 1 -> 9"):
         fit(changed, resume="latest")
     # without --resume an output_dir holding a run is not overwritten
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -339,6 +343,7 @@ def test_frozen_text_encoders_train_and_save_unet_modules_only_with_the_text_cac
         train={"train_text_encoders": False},
         data={"cache_text": True, "cache_latents": True},
         caption={"shuffle_general": False, "tag_dropout": 0.0},
+        lokr=NO_EMB,
     )
     trainer, r = fit(cfg)
     keys = set(adapter_tensors(r.adapter))
@@ -350,6 +355,7 @@ def test_frozen_text_encoders_train_and_save_unet_modules_only_with_the_text_cac
         tiny_sdxl, tiny_data, tmp_path / "nocache",
         train={"train_text_encoders": False},
         caption={"shuffle_general": False, "tag_dropout": 0.0},
+        lokr=NO_EMB,
     )
     _, r2 = fit(cfg2)
-    assert max_rel_diff(adapter_tensors(r.adapter), adapter_tensors(r2.adapter)) < 1e-5
+    assert global_rel_diff(adapter_tensors(r.adapter), adapter_tensors(r2.adapter)) < 1e-6

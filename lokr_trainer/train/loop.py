@@ -528,7 +528,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr[0]:.2e}", img_s=f"{ips:.2f}")
                         t_window, imgs_window = time.perf_counter(), 0
                     saved_state = False
-                    if tc.save_every > 0 and done % tc.save_every == 0 and done < total_steps:
+                    if counters["bad_in_row"] and tc.save_every > 0 and done % tc.save_every == 0:
+                        logger.warning("step %d was skipped: not saving a state over the last good one", done)
+                    elif tc.save_every > 0 and done % tc.save_every == 0 and done < total_steps:
                         if self.is_main:
                             save_adapter(out / f"lokr-step-{done:06d}.safetensors", done)
                             _prune_snapshots(out, tc.keep_last)
