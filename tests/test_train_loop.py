@@ -359,3 +359,40 @@ def test_frozen_text_encoders_train_and_save_unet_modules_only_with_the_text_cac
     )
     _, r2 = fit(cfg2)
     assert global_rel_diff(adapter_tensors(r.adapter), adapter_tensors(r2.adapter)) < 1e-6
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_sdxl, tiny_data, tmp_path):
+    _, plain = fit(config(tiny_sdxl, tiny_data, tmp_path / "plain", lokr=NO_EMB))
+    _, gc = fit(config(tiny_sdxl, tiny_data, tmp_path / "gc", lokr=NO_EMB, train={"gradient_checkpointing": True}))
+    assert global_rel_diff(adapter_tensors(plain.adapter), adapter_tensors(gc.adapter)) < 1e-6
+
+
+def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, tiny_data, tmp_path, straight_runs):
+    """Ctrl-C while the CLI trains: it saves a state at the next step boundary, exits 0, and resumes exactly."""
+    import time
+
+    out = tmp_path / "run"
+    cfg = config(tiny_sdxl, tiny_data, out, train={"max_steps": 6, "log_every": 1}, optimizer={"name": "adamw"})
+    cfg_file = save_config(cfg, tmp_path / "run.toml")
+    # same thread count as this process: the straight run it is compared with ran here
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lokr_trainer.train", "--config", str(cfg_file), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    # wait until training has begun (the summary is printed right before the first step), then interrupt
+    for line in proc.stdout:
+        if line.startswith("  outputs"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, rest
+    states = [s for s, _ in list_states(out / "state")]
+    if "interrupted after step" in rest:
+        assert len(states) == 1 and 1 <= states[0] <= 6
+    else:  # the signal came after the last step: the run simply finished
+        assert states == [6]
+    _, r = fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 6, "log_every": 1}, optimizer={"name": "adamw"}), resume="latest")
+    final = r.adapter if r.adapter is not None else out / "lokr.safetensors"
+    assert_bit_identical(straight_runs["adamw"], adapter_tensors(final))
