@@ -108,10 +108,6 @@ class _StopRequest:
         logger.warning("%s received: saving a state at the next step boundary, then stopping (Ctrl-C again aborts)", signal.Signals(signum).name)
 
 
-def _fmt_count(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
-
-
 class Trainer:
     """Trains the LoKr adapters a :class:`~lokr_trainer.config.RunConfig` describes.
 
@@ -240,10 +236,12 @@ class Trainer:
                 model.to(want)
         return models
 
-    # ------------------------------------------------------------------ fit
+    # ------------------------------------------------------------------ set-up
 
-    def fit(self) -> TrainResult:
-        """Train to ``max_steps`` / ``epochs`` (or ``stop_after``, or a signal); returns what happened."""
+    def _setup(self) -> "_Run":
+        """Everything a run needs, in the order that fails fastest: resume state, data, model, caches."""
+        from accelerate.utils import set_seed
+
         from lokr_trainer.config import run_defining_dict, save_config
         from lokr_trainer.data import SkipLog
         from lokr_trainer.lokr import attach_lokr
@@ -252,17 +250,16 @@ class Trainer:
         from lokr_trainer.train.module import DrawSettings, SDXLTrainingModule, freeze_unreachable_adapters
         from lokr_trainer.train.optim import build_optimizer, build_scheduler
         from lokr_trainer.train.prompts import PromptEncoder
+        from lokr_trainer.train.report import TrainLog, run_summary
 
-        t_start = time.perf_counter()
         acc = self.accelerator
         cfg = self._effective_config()
         self.effective_config = cfg
-        tc = cfg.train
-        out = self.output_dir
+        tc, out = cfg.train, self.output_dir
         state_root = out / STATE_DIR
 
-        # --- resume or refuse to overwrite ------------------------------------------------
-        state = None
+        # resume, or refuse to overwrite a run
+        state = state_path = None
         if self.resume is not None:
             state_path = resolve_resume(self.resume, out)
             state = load_state(state_path)
@@ -272,7 +269,7 @@ class Trainer:
                 "pass --resume latest to continue it, or choose another output_dir"
             )
 
-        # --- data (before the model: bad data fails fast) ----------------------------------
+        # data before the model: bad data fails in seconds, not after a 7 GB load
         self.skip_log = SkipLog(logger)
         index = self._index(cfg.data.path, self.skip_log)
         dataset = self._dataset(index, cfg.caption)
@@ -287,70 +284,51 @@ class Trainer:
             check_resume_compatible(state["trainer"]["identity"], identity, state_path)
             start_step = int(state["trainer"]["step"])
 
-        # --- model -------------------------------------------------------------------------
+        # model, adapters, optimizer
         models = self._load_models()
-        from accelerate.utils import set_seed
-
         set_seed(tc.seed)  # lycoris initialises W1 from the global RNG: same seed, same initial adapter
         network = attach_lokr(models, cfg.lokr, dtype=torch.float32)
+        frozen = freeze_unreachable_adapters(network, models.text_encoder)
+        if frozen:
+            logger.info("%d adapters of TE1's last layer get no gradient (SDXL uses its penultimate layer): "
+                        "kept at ΔW = 0", len(frozen))
         prompt_encoder = PromptEncoder(
-            models.tokenizer,
-            models.tokenizer_2,
-            models.text_encoder,
-            models.text_encoder_2,
-            max_tokens=cfg.data.max_tokens,
-            layout=cfg.data.prompt_layout,
+            models.tokenizer, models.tokenizer_2, models.text_encoder, models.text_encoder_2,
+            max_tokens=cfg.data.max_tokens, layout=cfg.data.prompt_layout,
         )
-        schedule = make_schedule_from_config(models.scheduler_config, zero_terminal_snr=cfg.diffusion.zero_terminal_snr)
         d = cfg.diffusion
         module = SDXLTrainingModule(
-            models.unet,
-            models.text_encoder,
-            models.text_encoder_2,
-            network,
-            prompt_encoder,
-            schedule,
-            prediction=d.prediction,
-            min_snr_gamma=d.min_snr_gamma,
-            debiased=d.debiased_estimation,
-            ip_noise_gamma=d.ip_noise_gamma,
-            train_text_encoders=tc.train_text_encoders,
+            models.unet, models.text_encoder, models.text_encoder_2, network, prompt_encoder,
+            make_schedule_from_config(models.scheduler_config, zero_terminal_snr=d.zero_terminal_snr),
+            prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, debiased=d.debiased_estimation,
+            ip_noise_gamma=d.ip_noise_gamma, train_text_encoders=tc.train_text_encoders,
         )
         if tc.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             if tc.train_text_encoders:
                 for te in (models.text_encoder, models.text_encoder_2):
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        frozen = freeze_unreachable_adapters(network, models.text_encoder)
-        if frozen:
-            logger.info("%d TE1 adapters of its last layer get no gradient (SDXL uses TE1's penultimate layer): kept at ΔW = 0", len(frozen))
-        o = cfg.optimizer
+        o, sc = cfg.optimizer, cfg.scheduler
         groups = network.param_groups(unet_lr=o.unet_lr, te1_lr=o.te1_lr, te2_lr=o.te2_lr)
         optimizer = build_optimizer(o.name, groups, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
-        sched_cfg = cfg.scheduler
-        scheduler = build_scheduler(
-            optimizer,
-            name=sched_cfg.name,
-            warmup_steps=sched_cfg.warmup_steps,
-            total_steps=total_steps,
-            min_lr_ratio=sched_cfg.min_lr_ratio,
-        )
+        scheduler = build_scheduler(optimizer, name=sc.name, warmup_steps=sc.warmup_steps, total_steps=total_steps,
+                                    min_lr_ratio=sc.min_lr_ratio)
         counters = {"images_seen": 0, "skipped_steps": 0, "bad_in_row": 0, "scaler_skips": 0}
         if state is not None:
             network.load_state_dict(_cast_like(state["adapter"], network.state_dict()))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             counters.update({k: int(v) for k, v in state["trainer"].get("counters", {}).items()})
-        module, optimizer = acc.prepare(module, optimizer)
+        # the scheduler is NOT prepared: accelerate would step it once per process
+        wrapped, optimizer = acc.prepare(module, optimizer)
         if state is not None:
             if state.get("scaler") is not None and acc.scaler is not None:
                 acc.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-        core = acc.unwrap_model(module)
-        self.network, self.models, self.module = network, models, core
+        self.network, self.models, self.module = network, models, module
         vae = models.vae.to(acc.device)
 
-        # --- caches --------------------------------------------------------------------------
+        # caches (each rank builds its share, then all wait)
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
         latent_cache = text_cache = None
         if cfg.data.cache_latents:
@@ -358,44 +336,31 @@ class Trainer:
 
             latent_cache = LatentCache.for_vae(cache_dir, vae, rank=self.rank)
             dataset.latent_cache = latent_cache
-            build_latent_cache(
-                dataset, vae, latent_cache, rank=self.rank, world_size=acc.num_processes,
-                num_workers=cfg.data.num_workers, skip_log=self.skip_log, progress=self.progress,
-            )
+            build_latent_cache(dataset, vae, latent_cache, rank=self.rank, world_size=acc.num_processes,
+                               num_workers=cfg.data.num_workers, skip_log=self.skip_log, progress=self.progress)
             acc.wait_for_everyone()
         if cfg.data.cache_text:
             from lokr_trainer.train.encode import TextEncoderCache, build_text_cache
 
             text_cache = TextEncoderCache.for_encoder(cache_dir, prompt_encoder)
-            captions = [dataset.captioner.fixed(r) for r in index.records]
-            build_text_cache(captions, prompt_encoder, text_cache, rank=self.rank, world_size=acc.num_processes, progress=self.progress)
+            build_text_cache([dataset.captioner.fixed(r) for r in index.records], prompt_encoder, text_cache,
+                             rank=self.rank, world_size=acc.num_processes, progress=self.progress)
             acc.wait_for_everyone()
 
-        # --- outputs and summary ---------------------------------------------------------------
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.toml")
-        summary = network.summary(DTYPES[tc.save_dtype])
-        self._print_summary(cfg, index, plan, total_steps, start_step, summary, groups)
-        writer = self._tensorboard(out) if self.is_main else None
-
+            print(run_summary(cfg, self.layout, len(index), len(set(int(b) for b in index.bucket_ids)),
+                              plan.steps_per_epoch, total_steps, start_step, network.summary(DTYPES[tc.save_dtype]),
+                              groups, self.skip_log.summary(), out), flush=True)
         loader = torch.utils.data.DataLoader(
             WeightedSamples(dataset),
             batch_sampler=MicroBatchSampler(plan, self.layout, self.rank, start_step, total_steps),
             collate_fn=collate_weighted,
             num_workers=cfg.data.num_workers,
             pin_memory=acc.device.type == "cuda",
-            persistent_workers=False,
         )
-        draw = DrawSettings.from_config(d)
-        scaling = float(getattr(vae.config, "scaling_factor", 0.13025))
-        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        latent_channels = int(vae.config.latent_channels)
-        from lokr_trainer.train.encode import vae_scale_factor
-
-        down = vae_scale_factor(vae)
-
-        meta_base = {
+        metadata = {
             "lokr_trainer.config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
             "lokr_trainer.data_digest": digest,
             "lokr_trainer.base_model_sha256": base_hash,
@@ -403,187 +368,212 @@ class Trainer:
             "ss_sd_model_name": Path(cfg.model.path).name,
             "ss_seed": str(tc.seed),
         }
+        return _Run(
+            cfg=cfg, plan=plan, total_steps=total_steps, start_step=start_step, identity=identity, metadata=metadata,
+            models=models, network=network, module=module, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
+            groups=groups, dataset=dataset, loader=loader, vae=vae, latent_cache=latent_cache, text_cache=text_cache,
+            prompt_encoder=prompt_encoder, draw=DrawSettings.from_config(d), counters=counters,
+            latent_channels=int(vae.config.latent_channels),
+            scaling=float(getattr(vae.config, "scaling_factor", 0.13025)),
+            shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
+            log=TrainLog(out / "logs" if self.is_main else None),
+        )
 
-        def save_adapter(path: Path, step: int) -> Path:
-            meta = dict(meta_base)
-            meta.update(
-                {
-                    "lokr_trainer.step": str(step),
-                    "lokr_trainer.images_seen": str(counters["images_seen"]),
-                    "ss_steps": str(step),
-                    "modelspec.title": f"{out.name} step {step}",
-                }
-            )
-            return network.save(path, dtype=DTYPES[tc.save_dtype], metadata=meta)
+    # ------------------------------------------------------------------ fit
 
-        def save_training_state(step: int) -> Path | None:
-            acc.wait_for_everyone()
-            path = None
-            if self.is_main:
-                path = save_state(
-                    state_root,
-                    step,
-                    adapter=network.state_dict(),
-                    optimizer=optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                    trainer={
-                        "step": step,
-                        "epoch": step // plan.steps_per_epoch,
-                        "step_in_epoch": step % plan.steps_per_epoch,
-                        "total_steps": total_steps,
-                        "counters": counters,
-                        "identity": identity,
-                    },
-                    keep_last=tc.keep_last,
-                )
-            acc.wait_for_everyone()
-            return path
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` / ``epochs`` (or ``stop_after``, or a signal); returns what happened."""
+        from tqdm.auto import tqdm
 
-        result = TrainResult(out, None, start_step, 0, total_steps)
-        if start_step >= total_steps:
-            self._print(f"the run is already complete ({start_step}/{total_steps} steps); nothing to do")
-            final = out / "lokr.safetensors"
+        from lokr_trainer.train.report import end_summary
+
+        t_start = time.perf_counter()
+        run = self._setup()
+        result = TrainResult(self.output_dir, None, run.start_step, 0, run.total_steps)
+        if run.start_step >= run.total_steps:
+            self._print(f"the run is already complete ({run.start_step}/{run.total_steps} steps); nothing to do")
+            final = self.output_dir / "lokr.safetensors"
             result.adapter = final if final.is_file() else None
             return result
 
-        # --- the loop -------------------------------------------------------------------------
-        from tqdm.auto import tqdm
-
-        params = core.trainable_parameters()
-        module.train()
-        models.unet.train()
-        if tc.train_text_encoders:
-            models.text_encoder.train()
-            models.text_encoder_2.train()
-        if cfg.validation.every > 0 and start_step == 0:
-            self._validate(0, writer, vae, prompt_encoder, scaling, shift)  # the curve's starting point
-        it = iter(loader)
-        bar = tqdm(
-            total=total_steps, initial=start_step, desc="training", unit="step",
-            disable=not (self.progress and self.is_main), dynamic_ncols=True,
-        )
-        t_window, imgs_window = time.perf_counter(), 0
-        step = start_step
-        with _StopRequest() as stop:
-            try:
-                for step in range(start_step, total_steps):
-                    samples = plan.step(step // plan.steps_per_epoch, step % plan.steps_per_epoch)
-                    n_real = samples.n_real
-                    loss_sum = torch.zeros((), device=acc.device)
-                    for micro in range(self.layout.grad_accum):
-                        batch = next(it)
-                        self.skip_log.add_batch(batch)
-                        inputs = self._inputs(batch, vae, dataset, latent_cache, text_cache, prompt_encoder, draw,
-                                              (latent_channels, down), scaling, shift)
-                        last = micro == self.layout.grad_accum - 1
-                        ctx = contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(module)
-                        with ctx:
-                            per_sample = module(inputs)
-                            weighted = (per_sample * inputs["weights"].to(per_sample.device)).sum()
-                            loss = weighted * (acc.num_processes / n_real)
-                            if self.hooks.loss is not None:
-                                loss = self.hooks.loss(step, micro, loss)
-                            acc.backward(loss)
-                        loss_sum = loss_sum + loss.detach() * (n_real / acc.num_processes)
-                    step_loss = (acc.reduce(loss_sum, "sum") if acc.num_processes > 1 else loss_sum) / n_real
-                    grad_norm = acc.clip_grad_norm_(params, o.max_grad_norm if o.max_grad_norm > 0 else math.inf)
-                    loss_v = float(step_loss)
-                    gn = float(grad_norm) if grad_norm is not None else float("nan")
-                    finite_loss = math.isfinite(loss_v)
-                    if finite_loss and (math.isfinite(gn) or acc.scaler is not None):
-                        optimizer.step()
-                        if acc.optimizer_step_was_skipped:
-                            counters["scaler_skips"] += 1  # fp16 overflow: the scaler lowers its scale
-                        else:
-                            scheduler.step()
-                        counters["bad_in_row"] = 0
-                    else:
-                        counters["skipped_steps"] += 1
-                        counters["bad_in_row"] += 1
-                        logger.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d in a row)",
-                                       step + 1, loss_v, gn, counters["bad_in_row"])
-                    optimizer.zero_grad(set_to_none=True)
-                    counters["images_seen"] += n_real
-                    imgs_window += n_real
-                    result.losses.append(loss_v)
+        run.wrapped.train()
+        run.models.unet.train()
+        if run.cfg.train.train_text_encoders:
+            run.models.text_encoder.train()
+            run.models.text_encoder_2.train()
+        if run.cfg.validation.every > 0 and run.start_step == 0:
+            self._validate(run, 0)  # the curve's starting point
+        batches = iter(run.loader)
+        bar = tqdm(total=run.total_steps, initial=run.start_step, desc="training", unit="step",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        window = [time.perf_counter(), 0]  # start time, images since
+        try:
+            with _StopRequest() as stop:
+                for step in range(run.start_step, run.total_steps):
+                    loss, grad_norm, n_real = self._step(run, step, batches)
+                    window[1] += n_real
                     done = step + 1
-                    result.steps_done = done - start_step
-                    if self.hooks.after_step is not None:
-                        self.hooks.after_step(self, done)
-                    if counters["bad_in_row"] >= tc.max_bad_steps:
-                        last_state = list_states(state_root)
-                        where = str(last_state[-1][1]) if last_state else "none was saved yet"
-                        raise TrainingError(
-                            f"{counters['bad_in_row']} non-finite steps in a row (train.max_bad_steps = "
-                            f"{tc.max_bad_steps}) at step {done}; the last good state is kept ({where}); "
-                            "lower the learning rate, or use bf16 instead of fp16"
-                        )
-                    lr = scheduler.get_last_lr()
+                    result.losses.append(loss)
+                    result.steps_done = done - run.start_step
                     bar.update(1)
-                    if writer is not None and (done % max(1, tc.log_every) == 0 or done == total_steps):
-                        dt = time.perf_counter() - t_window
-                        ips = imgs_window / dt if dt > 0 else 0.0
-                        self._log(writer, done, loss_v, gn, lr, groups, ips, counters)
-                        bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr[0]:.2e}", img_s=f"{ips:.2f}")
-                        t_window, imgs_window = time.perf_counter(), 0
-                    saved_state = False
-                    if counters["bad_in_row"] and tc.save_every > 0 and done % tc.save_every == 0:
-                        logger.warning("step %d was skipped: not saving a state over the last good one", done)
-                    elif tc.save_every > 0 and done % tc.save_every == 0 and done < total_steps:
-                        if self.is_main:
-                            save_adapter(out / f"lokr-step-{done:06d}.safetensors", done)
-                            _prune_snapshots(out, tc.keep_last)
-                        result.state = save_training_state(done)
-                        saved_state = True
-                    if cfg.validation.every > 0 and done % cfg.validation.every == 0:
-                        self._validate(done, writer, vae, prompt_encoder, scaling, shift)
-                    if cfg.sample.every > 0 and done % cfg.sample.every == 0:
-                        self._sample(done, writer)
-                    if 0 < tc.stop_after <= done < total_steps:
-                        if not saved_state:
-                            result.state = save_training_state(done)
-                        result.stopped = "stop_after"
-                        self._print(f"stopped after step {done} (train.stop_after); continue with --resume latest")
+                    if self._after_step(run, done, loss, grad_norm, result, stop, bar, window):
                         break
-                    if self._stop_requested(stop):
-                        if not saved_state:
-                            result.state = save_training_state(done)
-                        result.stopped = "signal"
-                        self._print(f"interrupted after step {done}; state saved to {result.state or state_root}; "
-                                    "continue with --resume latest")
-                        break
-            finally:
-                bar.close()
+        finally:
+            bar.close()
+            run.log.close()
         if result.stopped == "done":
-            result.state = save_training_state(total_steps)
+            result.state = self._save_state(run, run.total_steps)
             if self.is_main:
-                result.adapter = save_adapter(out / "lokr.safetensors", total_steps)
-            acc.wait_for_everyone()
-            result.adapter = out / "lokr.safetensors"
-        if writer is not None:
-            writer.close()
-        result.skipped_steps = counters["skipped_steps"]
+                self._save_adapter(run, self.output_dir / "lokr.safetensors", run.total_steps)
+            self.accelerator.wait_for_everyone()
+            result.adapter = self.output_dir / "lokr.safetensors"
+        result.skipped_steps = run.counters["skipped_steps"]
         result.skipped_images = self.skip_log.total
         result.seconds = time.perf_counter() - t_start
-        self._print_end(result, prompt_encoder)
+        if self.is_main and result.losses:
+            print(end_summary(result, run.prompt_encoder.summary()), flush=True)
         return result
+
+    def _step(self, run: "_Run", step: int, batches: Any) -> tuple[float, float, int]:
+        """One optimizer step: accumulate its micro-batches, reduce, clip, step or skip.
+
+        Returns the step's mean loss, the gradient norm and its number of real samples.
+        """
+        acc, lay, counters = self.accelerator, self.layout, run.counters
+        n_real = run.plan.step(step // run.plan.steps_per_epoch, step % run.plan.steps_per_epoch).n_real
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(lay.grad_accum):
+            batch = next(batches)
+            self.skip_log.add_batch(batch)
+            inputs = self._inputs(run, batch)
+            last = micro == lay.grad_accum - 1
+            with contextlib.nullcontext() if last or lay.num_processes == 1 else acc.no_sync(run.wrapped):
+                per_sample = run.wrapped(inputs)
+                # Σ w·ℓ · P / n: DDP's mean over ranks and the sum over micro-steps give the step's mean
+                loss = (per_sample * inputs["weights"].to(per_sample.device)).sum() * (lay.num_processes / n_real)
+                if self.hooks.loss is not None:
+                    loss = self.hooks.loss(step, micro, loss)
+                acc.backward(loss)
+            loss_sum = loss_sum + loss.detach() * (n_real / lay.num_processes)
+        step_loss = float((acc.reduce(loss_sum, "sum") if lay.num_processes > 1 else loss_sum) / n_real)
+        max_norm = run.cfg.optimizer.max_grad_norm
+        norm = acc.clip_grad_norm_(run.module.trainable_parameters(), max_norm if max_norm > 0 else math.inf)
+        grad_norm = float(norm) if norm is not None else float("nan")
+        if acc.scaler is not None:
+            # fp16: the grad scaler skips non-finite gradients itself and lowers its scale
+            run.optimizer.step()
+            stepped = not acc.optimizer_step_was_skipped
+            if stepped:
+                run.scheduler.step()
+            elif math.isfinite(step_loss):
+                counters["scaler_skips"] += 1
+        else:
+            stepped = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if stepped:
+                run.optimizer.step()
+                run.scheduler.step()
+        if math.isfinite(step_loss) and (stepped or acc.scaler is not None):
+            counters["bad_in_row"] = 0
+        else:
+            counters["skipped_steps"] += 1
+            counters["bad_in_row"] += 1
+            logger.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d in a row)",
+                           step + 1, step_loss, grad_norm, counters["bad_in_row"])
+        run.optimizer.zero_grad(set_to_none=True)
+        counters["images_seen"] += n_real
+        return step_loss, grad_norm, n_real
+
+    def _after_step(self, run: "_Run", done: int, loss: float, grad_norm: float, result: TrainResult,
+                    stop: _StopRequest, bar: Any, window: list) -> bool:
+        """Logging, saving, validation, samples, stop conditions; True when the run stops here."""
+        tc, counters = run.cfg.train, run.counters
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(self, done)
+        if counters["bad_in_row"] >= tc.max_bad_steps:
+            states = list_states(self.output_dir / STATE_DIR)
+            where = str(states[-1][1]) if states else "none was saved yet"
+            raise TrainingError(
+                f"{counters['bad_in_row']} non-finite steps in a row (train.max_bad_steps = {tc.max_bad_steps}) at "
+                f"step {done}; the last good state is kept ({where}); lower the learning rate, or use bf16 instead of fp16"
+            )
+        if done % max(1, tc.log_every) == 0 or done == run.total_steps:
+            dt = time.perf_counter() - window[0]
+            ips = window[1] / dt if dt > 0 else 0.0
+            lrs = run.scheduler.get_last_lr()
+            run.log.step(done, loss=loss, grad_norm=grad_norm, lrs=lrs, groups=run.groups, images_per_second=ips,
+                         counters=counters)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{ips:.2f}")
+            window[0], window[1] = time.perf_counter(), 0
+        saved = False
+        if tc.save_every > 0 and done % tc.save_every == 0 and done < run.total_steps:
+            if counters["bad_in_row"]:
+                logger.warning("step %d was skipped: not saving a state over the last good one", done)
+            else:
+                if self.is_main:
+                    self._save_adapter(run, self.output_dir / f"lokr-step-{done:06d}.safetensors", done)
+                    _prune_snapshots(self.output_dir, tc.keep_last)
+                result.state = self._save_state(run, done)
+                saved = True
+        if run.cfg.validation.every > 0 and done % run.cfg.validation.every == 0:
+            self._validate(run, done)
+        if run.cfg.sample.every > 0 and done % run.cfg.sample.every == 0:
+            self._sample(run, done)
+        if 0 < tc.stop_after <= done < run.total_steps:
+            result.stopped = "stop_after"
+            message = f"stopped after step {done} (train.stop_after)"
+        elif self._stop_requested(stop):
+            result.stopped = "signal"
+            message = f"interrupted after step {done}"
+        else:
+            return False
+        if not saved:
+            result.state = self._save_state(run, done)
+        self._print(f"{message}; state saved to {result.state or self.output_dir / STATE_DIR}; "
+                    "continue with --resume latest")
+        return True
+
+    # ------------------------------------------------------------------ outputs
+
+    def _save_adapter(self, run: "_Run", path: Path, step: int) -> Path:
+        meta = dict(run.metadata)
+        meta.update({
+            "lokr_trainer.step": str(step),
+            "lokr_trainer.images_seen": str(run.counters["images_seen"]),
+            "ss_steps": str(step),
+            "modelspec.title": f"{self.output_dir.name} step {step}",
+        })
+        return run.network.save(path, dtype=DTYPES[run.cfg.train.save_dtype], metadata=meta)
+
+    def _save_state(self, run: "_Run", step: int) -> Path | None:
+        """All ranks call this; the main process writes (optimizer states are the same on every rank)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if self.is_main:
+            opt = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate's wrapper → the torch optimizer
+            path = save_state(
+                self.output_dir / STATE_DIR,
+                step,
+                adapter=run.network.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                trainer={
+                    "step": step,
+                    "epoch": step // run.plan.steps_per_epoch,
+                    "step_in_epoch": step % run.plan.steps_per_epoch,
+                    "total_steps": run.total_steps,
+                    "counters": run.counters,
+                    "identity": run.identity,
+                },
+                keep_last=run.cfg.train.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
 
     # ------------------------------------------------------------------ pieces of a step
 
-    def _inputs(
-        self,
-        batch: dict[str, Any],
-        vae: Any,
-        dataset: Any,
-        latent_cache: Any,
-        text_cache: Any,
-        prompt_encoder: Any,
-        draw: Any,
-        latent_geom: tuple[int, int],
-        scaling: float,
-        shift: float,
-    ) -> dict[str, Any]:
+    def _inputs(self, run: "_Run", batch: dict[str, Any]) -> dict[str, Any]:
         """Latents, per-sample draws and text conditioning of one micro-batch, on the device."""
         from lokr_trainer.train.encode import fill_missing_latents
         from lokr_trainer.train.module import draw_sample, latents_from_moments
@@ -593,13 +583,11 @@ class Trainer:
         if n == 0:
             return {"latents": torch.zeros(0, device=device), "weights": torch.zeros(1)}
         with torch.no_grad():
-            moments = fill_missing_latents(batch, vae, dataset, latent_cache)
-        chw = (latent_geom[0], moments.shape[-2], moments.shape[-1])
-        draws = [
-            draw_sample(self.cfg.train.seed, e, i, chw, draw) for e, i in zip(batch["epochs"], batch["indices"])
-        ]
+            moments = fill_missing_latents(batch, run.vae, run.dataset, run.latent_cache)
+        chw = (run.latent_channels, moments.shape[-2], moments.shape[-1])
+        draws = [draw_sample(self.cfg.train.seed, e, i, chw, run.draw) for e, i in zip(batch["epochs"], batch["indices"])]
         eps = torch.stack([x["latent_eps"] for x in draws]).to(device)
-        latents = latents_from_moments(moments.to(device), eps, scaling, shift)
+        latents = latents_from_moments(moments.to(device), eps, run.scaling, run.shift)
         out: dict[str, Any] = {
             "latents": latents,
             "noise": torch.stack([x["noise"] for x in draws]).to(device),
@@ -609,10 +597,10 @@ class Trainer:
         }
         if "ip_noise" in draws[0]:
             out["ip_noise"] = torch.stack([x["ip_noise"] for x in draws]).to(device)
-        if text_cache is not None:
+        if run.text_cache is not None:
             from lokr_trainer.train.encode import cached_text_batch
 
-            hidden, pooled = cached_text_batch(batch["captions"], text_cache, prompt_encoder)
+            hidden, pooled = cached_text_batch(batch["captions"], run.text_cache, run.prompt_encoder)
             out["hidden"], out["pooled"] = hidden.to(device), pooled.to(device)
         else:
             out["captions"] = batch["captions"]
@@ -624,100 +612,68 @@ class Trainer:
             flag = self.accelerator.reduce(flag, "max")  # every rank stops at the same step
         return bool(flag.item() > 0)
 
-    # ------------------------------------------------------------------ logging, validation, samples
+    # ------------------------------------------------------------------ validation, samples
 
-    def _tensorboard(self, out: Path) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
-            logger.warning("tensorboard is not installed: no training logs (pip install tensorboard)")
-            return None
-        return SummaryWriter(str(out / "logs"))
-
-    @staticmethod
-    def _log(writer: Any, step: int, loss: float, gn: float, lr: list[float], groups: list[dict], ips: float, counters: dict) -> None:
-        writer.add_scalar("train/loss", loss, step)
-        if math.isfinite(gn):
-            writer.add_scalar("train/grad_norm", gn, step)
-        for g, value in zip(groups, lr):
-            writer.add_scalar(f"lr/{g.get('name', 'group')}", value, step)
-        writer.add_scalar("train/images_per_second", ips, step)
-        writer.add_scalar("train/skipped_steps", counters["skipped_steps"], step)
-        writer.add_scalar("train/images_seen", counters["images_seen"], step)
-
-    def _validate(self, step: int, writer: Any, vae: Any, prompt_encoder: Any, scaling: float, shift: float) -> None:
+    def _validate(self, run: "_Run", step: int) -> None:
         from lokr_trainer.train.validation import validation_loss
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.is_main:
+        if self.is_main:  # on the unwrapped module: no collective inside, other ranks just wait
             if not hasattr(self, "_val_set"):
                 from lokr_trainer.data import SkipLog
 
                 index = self._index(self.cfg.validation.path, SkipLog(logger))
-                fixed = dataclasses.replace(self.cfg.caption, shuffle_general=False, tag_dropout=0.0, group_dropout=0.0, caption_dropout=0.0)
+                fixed = dataclasses.replace(self.cfg.caption, shuffle_general=False, tag_dropout=0.0,
+                                            group_dropout=0.0, caption_dropout=0.0)
                 self._val_set = self._dataset(index, fixed)
-            loss = validation_loss(self.module, self._val_set, vae, self.cfg.validation, scaling, shift, acc.device)
+            loss = validation_loss(run.module, self._val_set, run.vae, self.cfg.validation, run.scaling, run.shift,
+                                   acc.device)
             logger.info("step %d: validation loss %.5f", step, loss)
-            if writer is not None:
-                writer.add_scalar("validation/loss", loss, step)
+            run.log.scalar("validation/loss", loss, step)
             self.validation_history.append((step, loss))
         acc.wait_for_everyone()
 
-    def _sample(self, step: int, writer: Any) -> None:
+    def _sample(self, run: "_Run", step: int) -> None:
         from lokr_trainer.train.sampling import sample_images
 
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.is_main:
-            paths = sample_images(self.models, self.module.prompt_encoder, self.cfg.sample, self.output_dir / "samples" / f"step-{step:06d}", acc.device)
-            if writer is not None:
-                import numpy as np
-                from PIL import Image
-
-                for i, p in enumerate(paths):
-                    writer.add_image(f"samples/{i}", np.asarray(Image.open(p).convert("RGB")), step, dataformats="HWC")
+            folder = self.output_dir / "samples" / f"step-{step:06d}"
+            run.log.images(step, sample_images(run.models, run.prompt_encoder, self.cfg.sample, folder, acc.device))
         acc.wait_for_everyone()
 
-    def _print_summary(self, cfg: Any, index: Any, plan: GlobalBatchPlan, total: int, start: int, summary: Any, groups: list[dict]) -> None:
-        if not self.is_main:
-            return
-        lay, tc = self.layout, cfg.train
-        spe = plan.steps_per_epoch
-        per = {c: summary.component(c).parameters for c in ("unet", "te1", "te2")}
-        buckets = len(set(int(b) for b in index.bucket_ids))
-        lrs = ", ".join(f"{g['name']} {g['lr']:.2e}" for g in groups)
-        lines = [
-            f"lokr_trainer: LoKr on {cfg.model.path} ({cfg.model.dtype} base, mixed precision {tc.mixed_precision})",
-            f"  data         {len(index):,} images in {buckets} buckets from {', '.join(cfg.data.path)} ({self.skip_log.summary()})",
-            f"  global batch {lay.global_batch} = batch {lay.batch_size} x accumulation {lay.grad_accum} x processes {lay.num_processes}",
-            f"  steps        {total} optimizer steps ({total / spe:.2f} epochs of {spe} steps)"
-            + (f", resuming at step {start}" if start else ""),
-            f"  trainable    {_fmt_count(summary.parameters)} parameters in {summary.modules} modules "
-            f"(unet {_fmt_count(per['unet'])}, te1 {_fmt_count(per['te1'])}, te2 {_fmt_count(per['te2'])})",
-            f"  adapter file {summary.file_bytes / 1e6:.1f} MB ({tc.save_dtype})",
-            f"  optimizer    {cfg.optimizer.name}: {lrs}; {cfg.scheduler.name}, warmup {cfg.scheduler.warmup_steps} steps",
-            f"  outputs      {self.output_dir}/ (config.toml, lokr.safetensors, state/, logs/"
-            + (", samples/" if cfg.sample.every else "")
-            + ")",
-        ]
-        print("\n".join(lines), flush=True)
 
-    def _print_end(self, result: TrainResult, prompt_encoder: Any) -> None:
-        if not self.is_main or not result.losses:
-            return
-        finite = [x for x in result.losses if math.isfinite(x)]
-        k = max(1, len(finite) // 10)
-        first = sum(finite[:k]) / k if finite else float("nan")
-        last = sum(finite[-k:]) / k if finite else float("nan")
-        print(
-            f"trained {result.steps_done} steps in {result.seconds:.1f} s: loss {first:.4f} -> {last:.4f} "
-            f"(mean of first/last {k}); {result.skipped_steps} steps skipped, {result.skipped_images} images skipped; "
-            f"{prompt_encoder.summary()}",
-            flush=True,
-        )
-        if result.adapter is not None:
-            print(f"adapter: {result.adapter}", flush=True)
+@dataclass
+class _Run:
+    """The live objects of one fit() call."""
+
+    cfg: Any
+    plan: GlobalBatchPlan
+    total_steps: int
+    start_step: int
+    identity: dict
+    metadata: dict
+    models: Any
+    network: Any
+    module: Any  # the SDXLTrainingModule itself
+    wrapped: Any  # what accelerate made of it (DDP on several processes)
+    optimizer: Any
+    scheduler: Any
+    groups: list
+    dataset: Any
+    loader: Any
+    vae: Any
+    latent_cache: Any
+    text_cache: Any
+    prompt_encoder: Any
+    draw: Any
+    counters: dict
+    latent_channels: int
+    scaling: float
+    shift: float
+    log: Any
 
 
 def _cast_like(loaded: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
