@@ -215,6 +215,20 @@ def checked_bytes(
         yield t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename inside ``folder`` durable (best effort: not every OS can open a folder)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dfd)
+
+
 def write_safetensors(
     path: str | Path,
     plan: list[PlannedTensor],

@@ -39,6 +39,7 @@ from lokr_trainer.safetensors_io import (
     TensorInfo,
     checked_bytes,
     element_size,
+    fsync_dir,
     header_bytes,
     read_header,
 )
@@ -536,7 +537,7 @@ def write_stream(
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -546,20 +547,6 @@ def write_stream(
         if staged is not None:
             staged.close()
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (best effort; not every OS can open a folder)."""
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- allocator

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lokr_trainer.errors import CheckpointError, ConfigError
+from lokr_trainer.safetensors_io import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +42,6 @@ def step_dir_name(step: int) -> str:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,7 +93,7 @@ def save_state(
         (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, **trainer}, indent=1, sort_keys=True))
         for p in tmp.iterdir():
             _fsync_file(p)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a state of the same step (a rerun after stop_after): replace it
             old = root / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -113,7 +101,7 @@ def save_state(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
