@@ -396,3 +396,22 @@ def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, 
     _, r = fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 6, "log_every": 1}, optimizer={"name": "adamw"}), resume="latest")
     final = r.adapter if r.adapter is not None else out / "lokr.safetensors"
     assert_bit_identical(straight_runs["adamw"], adapter_tensors(final))
+
+
+def test_data_workers_do_not_change_the_run(tiny_sdxl, tiny_data, tmp_path):
+    _, r0 = fit(config(tiny_sdxl, tiny_data, tmp_path / "w0", data={"num_workers": 0}))
+    _, r2 = fit(config(tiny_sdxl, tiny_data, tmp_path / "w2", data={"num_workers": 2}))
+    assert_bit_identical(adapter_tensors(r0.adapter), adapter_tensors(r2.adapter))
+
+
+def test_an_image_that_breaks_during_training_is_skipped_logged_and_counted(tiny_sdxl, tiny_data, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = data / "img_000.png"
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])  # the header (and size) still reads; the pixels do not
+    with caplog.at_level("WARNING"):
+        _, r = fit(config(tiny_sdxl, data, tmp_path / "run", train={"max_steps": 8}))
+    assert r.stopped == "done" and r.skipped_images == 1 and r.skipped_steps == 0
+    assert any(str(victim) in m for m in caplog.messages)
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(r.adapter).values())
