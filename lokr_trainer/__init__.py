@@ -2,6 +2,11 @@
 
 Subpackages:
     sdxl     load/save SDXL checkpoints offline, key maps, tokenizers
+    lokr     LoKr adapters: names, targets, attach, forward modes, file io
+    data     images and captions -> samples (no model code)
+    train    the trainer (``python -m lokr_trainer.train``)
+    merge    streaming merges and bakes (``python -m lokr_trainer.merge``)
+    config   the run config
     testing  tiny SDXL-shaped fixtures for tests, examples and the demo
 """
 
