@@ -415,3 +415,17 @@ def test_an_image_that_breaks_during_training_is_skipped_logged_and_counted(tiny
     assert r.stopped == "done" and r.skipped_images == 1 and r.skipped_steps == 0
     assert any(str(victim) in m for m in caplog.messages)
     assert all(torch.isfinite(t).all() for t in adapter_tensors(r.adapter).values())
+
+
+def test_fp16_with_grad_scaler_resumes_bit_identically(tiny_sdxl, tiny_data, tmp_path):
+    """fp16 base + fp16 autocast. On CPU accelerate runs fp16 without a GradScaler (on CUDA it adds one, and
+    the state then carries its scale); the fp16 path itself must still resume exactly."""
+    fp16 = {"mixed_precision": "fp16", "max_steps": 6}
+    _, straight = fit(config(tiny_sdxl, tiny_data, tmp_path / "straight", model={"dtype": "fp16"}, train=fp16))
+    out = tmp_path / "run"
+    _, first = fit(config(tiny_sdxl, tiny_data, out, model={"dtype": "fp16"}, train={**fp16, "stop_after": 3}))
+    assert first.stopped == "stop_after"
+    _, second = fit(config(tiny_sdxl, tiny_data, out, model={"dtype": "fp16"}, train=fp16), resume="latest")
+    a, b = adapter_tensors(straight.adapter), adapter_tensors(second.adapter)
+    assert all(v.dtype == torch.float32 for v in a.values())  # adapters stay fp32 over an fp16 base
+    assert_bit_identical(a, b)
