@@ -132,9 +132,8 @@ class Trainer:
         self._check_inputs()
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
         acc = self.accelerator
-        accum, global_batch = config.train.accumulation(acc.num_processes)
+        accum, _ = config.train.accumulation(acc.num_processes)  # refuses a global batch that does not divide
         self.layout = Layout(config.train.batch_size, accum, acc.num_processes)
-        assert self.layout.global_batch == global_batch
         self.rank = acc.process_index
         #: (step, validation loss) pairs of this fit() call, on the main process
         self.validation_history: list[tuple[int, float]] = []
@@ -168,7 +167,7 @@ class Trainer:
     def _make_accelerator(self) -> Any:
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
-        # TE adapters unused by a step, or module dropout, leave parameters without gradients
+        # module dropout leaves whole adapters without gradients in some steps
         find_unused = self.cfg.lokr.module_dropout > 0
         # accelerate only sets up gloo (MULTI_CPU) when told cpu=True: without it a 2-process CPU
         # launch silently runs as 2 independent single processes
@@ -194,13 +193,14 @@ class Trainer:
 
     def _index(self, paths: list[str], skip_log: Any) -> Any:
         from lokr_trainer.data import BucketConfig, BucketSet, index_records, open_source
+        from lokr_trainer.data.images import IMAGE_EXTENSIONS
 
         d = self.cfg.data
         records = []
         for p in paths:
             found = list(open_source(p, keep_tokens=d.keep_tokens))
             if not found:
-                raise DataError(f"{p}: no images found (supported: .png .jpg .jpeg .webp .bmp ...)")
+                raise DataError(f"{p}: no images found (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})")
             records.extend(found)
         buckets = BucketSet.from_config(
             BucketConfig(resolution=d.resolution, step=d.bucket_step, min_side=d.min_bucket, max_side=d.max_bucket)
