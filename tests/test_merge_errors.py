@@ -199,3 +199,61 @@ def test_corrupt_and_missing_inputs(base, out_dir, tmp_path):
         merge(out_dir / "o.safetensors", [base.path], restore_embeddings=write_file(tmp_path / "r.safetensors", {"x": torch.zeros(1)}),
               progress=False)
     _nothing_written(out_dir)
+
+
+def _digest(folder):
+    import hashlib
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["inside", "symlinked_folder", "hard_link", "restore_folder"])
+def test_a_merge_never_writes_into_or_over_an_input_even_with_overwrite(base, tiny_sdxl, tmp_path, how):
+    import os
+    import shutil
+
+    folder = tmp_path / "base_diffusers"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    before = _digest(folder)
+    target = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    kwargs = {}
+    if how == "inside":
+        out, bases = target, [folder]
+    elif how == "symlinked_folder":
+        link = tmp_path / "link"
+        link.symlink_to(folder)
+        out, bases = link / "unet" / "diffusion_pytorch_model.safetensors", [folder]
+    elif how == "hard_link":
+        out = tmp_path / "elsewhere.safetensors"
+        os.link(target, out)
+        bases = [folder]
+    else:  # output inside the --restore-embeddings folder
+        out, bases = folder / "text_encoder" / "model.safetensors", [base.path]
+        kwargs["restore_embeddings"] = folder
+    with pytest.raises(CheckpointError, match="is also an input"):
+        merge(out, bases, overwrite=True, progress=False, **kwargs)
+    assert _digest(folder) == before  # not one byte of the input changed
+
+
+def test_an_existing_output_that_is_an_input_says_so_first(base):
+    with pytest.raises(CheckpointError, match="is also an input"):
+        merge(base.path, [base.path], progress=False)  # no --overwrite: still the real reason first
+
+
+def test_a_weight_map_pointing_outside_its_folder_is_refused(tiny_sdxl, tmp_path, out_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "evil"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(tmp_path / "outside.safetensors")
+    keys = list(read_all(tmp_path / "outside.safetensors")[0])
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "../../outside.safetensors" for k in keys}})
+    )
+    with pytest.raises(CorruptFileError, match="outside its folder"):
+        merge(out_dir / "o.safetensors", [folder], progress=False)
+    _nothing_written(out_dir)

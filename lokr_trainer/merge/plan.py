@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -222,6 +222,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _input_clash(out: Path, inputs: Sequence[Path]) -> Path | None:
+    """The input that writing ``out`` would change, if any.
+
+    A file input clashes when ``out`` is the same file (any path, symlink or
+    hard link); a folder input (diffusers) when ``out`` lies inside it once
+    symlinks are resolved, or is a hard link of a file in it.
+    """
+    resolved = out.resolve()
+    for p in inputs:
+        if p.is_dir():
+            root = p.resolve()
+            if resolved == root or root in resolved.parents:
+                return p
+            if out.exists() and any(_same_file(f, out) for f in root.rglob("*") if f.is_file()):
+                return p
+        elif _same_file(p, out):
+            return p
+    return None
+
+
 # --------------------------------------------------------------------------- LoKr matching
 
 
@@ -347,16 +367,16 @@ def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) 
     warnings: list[str] = []
     notes: list[str] = []
     out = recipe.out
+    inputs = [*recipe.bases, *([recipe.restore_embeddings] if recipe.restore_embeddings else []), *(l.path for l in recipe.lokrs)]
+    clash = _input_clash(out, inputs)  # first: --overwrite never makes writing over an input right
+    if clash is not None:
+        raise CheckpointError(out, f"is also an input ({clash}); write the merge to a new file")
     if out.is_dir():
         raise CheckpointError(out, "is a folder; --out must be a .safetensors file path")
     if out.exists() and not recipe.overwrite:
         raise CheckpointError(out, "output exists", "pass --overwrite (overwrite=True) to replace it")
     if out.suffix.lower() != ".safetensors":
         warnings.append(f"{out.name}: output is a safetensors file but its name does not end in .safetensors")
-    inputs = [*recipe.bases, *([recipe.restore_embeddings] if recipe.restore_embeddings else []), *(l.path for l in recipe.lokrs)]
-    for p in inputs:
-        if _same_file(p, out):
-            raise CheckpointError(out, f"is also an input ({p}); write the merge to a new file")
 
     bases: list[TensorSource] = []
     reference: TensorSource | None = None

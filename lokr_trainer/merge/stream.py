@@ -194,7 +194,16 @@ def _weight_files(sub: Path, stem: str) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptFileError(index, f"not a safetensors index ({e})") from None
-        return [sub / name for name in dict.fromkeys(weight_map.values())]
+        files = []
+        root = sub.resolve()
+        for name in dict.fromkeys(weight_map.values() if isinstance(weight_map, dict) else ()):
+            target = (sub / str(name)).resolve()
+            if not isinstance(name, str) or root not in target.parents:
+                raise CorruptFileError(index, f"weight_map points outside its folder ({name!r}); refusing to read it")
+            files.append(sub / name)
+        if not files:
+            raise CorruptFileError(index, "weight_map is empty or not a table")
+        return files
     variants = sorted(p for p in sub.glob(f"{stem}.*.safetensors") if ".index." not in p.name)
     if len(variants) == 1:
         return variants
