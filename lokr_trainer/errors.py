@@ -100,3 +100,28 @@ class NonFiniteResultError(MergeError, ArithmeticError):
 
 class TrainingError(LokrTrainerError):
     """A run cannot go on (e.g. too many non-finite steps in a row); the last good state is kept."""
+
+
+class OutputWriteError(CheckpointError, OSError):
+    """Writing an output failed (no space, read-only folder, parent is a file, ...); nothing was left behind.
+
+    Also an ``OSError`` with the original ``errno``, so callers that handle OS
+    errors keep working.
+    """
+
+    def __init__(self, path: str | Path, err: OSError) -> None:
+        reason = err.strerror or str(err)
+        CheckpointError.__init__(self, path, f"cannot write the output: {reason}", _WRITE_HINTS.get(err.errno, ""))
+        self.errno, self.strerror, self.filename = err.errno, err.strerror, str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_WRITE_HINTS = {
+    28: "free disk space or write to another folder; nothing was left behind",  # ENOSPC
+    30: "the folder is read-only; choose another output folder",  # EROFS
+    13: "no permission to write there; choose another output folder",  # EACCES
+    20: "a part of the output path is a file, not a folder",  # ENOTDIR
+    122: "disk quota exceeded; free space or write elsewhere",  # EDQUOT
+}

@@ -16,16 +16,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import stat
 import struct
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from lokr_trainer.errors import CheckpointError, CorruptFileError
+from lokr_trainer.errors import CheckpointError, CorruptFileError, OutputWriteError
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("lokr_trainer.safetensors_io needs a little-endian machine")
@@ -229,6 +232,119 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(dfd)
 
 
+_TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _Terminated(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """SIGTERM/SIGHUP, when nobody handles them, unwind like Ctrl-C (so temp files go), then kill as before."""
+    installed: dict[int, Any] = {}
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    try:
+        for sig in _TERMINATING:
+            if signal.getsignal(sig) is signal.SIG_DFL:  # a program with its own handler keeps it
+                installed[sig] = signal.signal(sig, raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        installed.clear()
+    try:
+        yield
+    except _Terminated as t:
+        for sig, prev in installed.items():
+            signal.signal(sig, prev)
+        installed.clear()
+        os.kill(os.getpid(), t.signum)  # the default action, now that the temp file is gone
+        raise
+    finally:
+        for sig, prev in installed.items():
+            signal.signal(sig, prev)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files an earlier, killed write of ``path`` left (``.{name}.{pid}.*.tmp`` of dead pids)."""
+    prefix = f".{path.name}."
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return
+    for p in candidates:
+        pid = p.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The replaced file's mode, else what the umask gives a new file (mkstemp's 0600 is not what users want)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_output(path: str | Path, *, overwrite: bool, clean_stale: bool = True) -> Iterator[int]:
+    """A temporary file beside ``path`` (an open fd) that becomes ``path`` when the block ends cleanly.
+
+    The one way outputs are written: the data is fsynced, the file gets the
+    permissions a normal write would give (the umask, or the replaced file's
+    mode), it is renamed into place and the rename made durable.  On any
+    exception, Ctrl-C, SIGTERM or SIGHUP the temp file is removed; temp files
+    of earlier killed writes are removed first; ``OSError`` becomes
+    :class:`~lokr_trainer.errors.OutputWriteError` naming ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(path, "output exists", "pass overwrite=True (--overwrite) to replace it")
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; the output must be a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if clean_stale:
+            remove_stale_temps(path)
+        mode = _new_file_mode(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputWriteError(path, e) from e
+    tmp = Path(tmp_name)
+    open_fd = fd
+    with _cleanup_on_termination():
+        try:
+            yield fd
+            os.fsync(fd)
+            os.close(fd)
+            open_fd = -1
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException as e:
+            if open_fd >= 0:
+                os.close(open_fd)
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+                raise OutputWriteError(path, e) from e
+            raise
+
+
 def write_safetensors(
     path: str | Path,
     plan: list[PlannedTensor],
@@ -237,33 +353,35 @@ def write_safetensors(
     *,
     overwrite: bool = True,
     progress=None,
+    clean_stale: bool = True,
 ) -> Path:
-    """Write tensors one at a time, in ``plan`` order, atomically.
+    """Write tensors one at a time, in ``plan`` order, atomically (:func:`atomic_output`).
 
     ``tensors`` yields ``(name, tensor)`` in plan order; each is checked against
     the plan (so a wrong shape is an error, not a corrupt file) and may be
-    freed by the producer right after.  The data goes to a temporary file in
-    the destination folder, is fsynced, and is renamed onto ``path`` only when
-    every byte is written; on any error the temporary file is removed.
+    freed by the producer right after.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(path, "output exists", "pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_output(path, overwrite=overwrite, clean_stale=clean_stale) as fd:
+        with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(header_bytes(plan, metadata))
             for data in checked_bytes(path, plan, tensors):
                 if data.numel():
                     f.write(memoryview(data.numpy()))
                 if progress is not None:
                     progress(data.numel())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
+
+
+def save_tensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = True,
+    clean_stale: bool = True,
+) -> Path:
+    """A dict of tensors as one safetensors file, in key order, through :func:`write_safetensors`."""
+    items = [(k, tensors[k].detach().to("cpu").contiguous()) for k in tensors]
+    plan = [PlannedTensor(k, t.dtype, tuple(t.shape)) for k, t in items]
+    return write_safetensors(path, plan, iter(items), metadata, overwrite=overwrite, clean_stale=clean_stale)

@@ -22,7 +22,6 @@ import math
 import mmap
 import os
 import queue
-import tempfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +37,8 @@ from lokr_trainer.safetensors_io import (
     SafetensorsHeader,
     TensorInfo,
     checked_bytes,
+    atomic_output,
     element_size,
-    fsync_dir,
     header_bytes,
     read_header,
 )
@@ -520,40 +519,24 @@ def write_stream(
 ) -> Path:
     """``safetensors_io.write_safetensors`` with direct I/O: same contract, same bytes.
 
-    Tensors come in ``plan`` order and are checked against it; they go into
-    a temporary file beside ``path`` which is fsynced and renamed into place
-    only when complete; on any error (a full disk, Ctrl-C) it is removed.
+    Tensors come in ``plan`` order and are checked against it; the file is
+    made by :func:`~lokr_trainer.safetensors_io.atomic_output` (temp file,
+    fsync, umask permissions, rename; removed on any error, Ctrl-C, SIGTERM).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(path, "output exists", "pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = torch.frombuffer(bytearray(header_bytes(plan, metadata)), dtype=torch.uint8)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    staged: _StagedFile | None = None
-    try:
+    with atomic_output(path, overwrite=overwrite) as fd:
         staged = _StagedFile(fd, direct)
-        staged.write(header)
-        for data in checked_bytes(path, plan, tensors):
-            if data.numel():
-                staged.write(data)
-            if progress is not None:
-                progress(data.numel())
-            del data
-        staged.finish()
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if staged is not None:
+        try:
+            staged.write(header)
+            for data in checked_bytes(path, plan, tensors):
+                if data.numel():
+                    staged.write(data)
+                if progress is not None:
+                    progress(data.numel())
+                del data
+            staged.finish()
+        finally:
             staged.close()
     return path
 

@@ -23,10 +23,10 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lokr_trainer.errors import CheckpointError, ConfigError
-from lokr_trainer.safetensors_io import fsync_dir
+from lokr_trainer.safetensors_io import fsync_dir, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def save_state(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+        save_tensors(tmp / "adapter.safetensors", {k: v.detach().to(torch.float32) for k, v in adapter.items()}, clean_stale=False)
         torch.save(dict(optimizer), tmp / "optimizer.pt")
         torch.save({"scheduler": dict(scheduler), "scaler": None if scaler is None else dict(scaler), "rng": rng_state()}, tmp / "misc.pt")
         (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, **trainer}, indent=1, sort_keys=True))

@@ -45,13 +45,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lokr_trainer.data.buckets import CropPlan
 from lokr_trainer.data.images import SkipLog, load_cropped, to_tensor
 from lokr_trainer.data.records import SampleRecord
 from lokr_trainer.data.tags import CaptionConfig
 from lokr_trainer.errors import BadImageError, CacheError, ConfigError
+from lokr_trainer.safetensors_io import save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -87,21 +87,6 @@ def module_digest(*modules: torch.nn.Module) -> str:
             flat = t.detach().to("cpu").contiguous().reshape(-1)
             h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file to ``path`` via a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
 
 
 def _entry_path(root: Path, key: str) -> Path:
@@ -178,7 +163,8 @@ class _EntryStore:
         for n, t in tensors.items():
             full[f"sha256.{n}"] = tensor_sha256(t)
         path = _entry_path(self.root, key)
-        atomic_save(tensors, path, full)
+        # one small file per entry: no stale-temp scan of folders holding thousands of entries
+        save_tensors(path, tensors, full, overwrite=True, clean_stale=False)
         self.stats.built += 1
         return path
 

@@ -1,0 +1,107 @@
+"""The one writer (``safetensors_io.atomic_output``): permissions, signals, stale temps, OS errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lokr_trainer.errors import CheckpointError, LokrTrainerError, OutputWriteError
+from lokr_trainer.safetensors_io import SafetensorsReader, remove_stale_temps, save_tensors
+
+T = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+
+
+def test_outputs_get_umask_permissions_and_an_overwrite_keeps_the_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = save_tensors(tmp_path / "o.safetensors", T)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
+        os.chmod(out, 0o640)
+        save_tensors(out, T, overwrite=True)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    with SafetensorsReader(out) as r:
+        assert torch.equal(r.get("a"), T["a"]) and torch.equal(r.get("b"), T["b"])
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep")
+    with pytest.raises(CheckpointError, match="output exists"):
+        save_tensors(out, T, overwrite=False)
+    assert out.read_bytes() == b"keep"
+
+
+def test_os_errors_become_one_error_naming_the_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "o.safetensors"  # a part of the path is a file
+    with pytest.raises(OutputWriteError) as e:
+        save_tensors(out, T)
+    assert isinstance(e.value, LokrTrainerError) and isinstance(e.value, OSError)
+    assert str(out) in str(e.value) and e.value.errno in (errno.ENOTDIR, errno.EEXIST, errno.EACCES)
+
+
+def test_no_space_mid_write_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import lokr_trainer.safetensors_io as io
+
+    real = io.checked_bytes
+
+    def failing(path, plan, tensors):
+        for i, data in enumerate(real(path, plan, tensors)):
+            if i == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield data
+
+    monkeypatch.setattr(io, "checked_bytes", failing)
+    with pytest.raises(OutputWriteError, match="No space left.*free disk space") as e:
+        save_tensors(tmp_path / "o.safetensors", T)
+    assert e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    out = tmp_path / "o.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".o.safetensors.{dead_pid}.abc123.tmp"
+    live = tmp_path / f".o.safetensors.{os.getppid()}.def456.tmp"
+    other = tmp_path / f".other.safetensors.{dead_pid}.x.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    remove_stale_temps(out)
+    assert not stale.exists() and live.exists() and other.exists()
+    save_tensors(out, T)  # the writer does it by itself too
+    assert out.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_during_a_write_leave_no_temp_file(tmp_path, sig):
+    """A process killed while writing a big output removes its hidden temp file, then dies of the signal."""
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from lokr_trainer.safetensors_io import PlannedTensor, write_safetensors
+        plan = [PlannedTensor(f"t{{i}}", torch.float32, (1024, 1024)) for i in range(200)]
+        def slow():
+            for p in plan:
+                print("writing", flush=True)
+                time.sleep(0.05)
+                yield p.name, torch.zeros(p.shape)
+        write_safetensors({str(tmp_path / 'big.safetensors')!r}, plan, slow())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(5):
+        proc.stdout.readline()  # a few tensors are in the temp file
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    proc.send_signal(getattr(signal, sig))
+    rc = proc.wait(timeout=60)
+    assert rc == -getattr(signal, sig)  # still dies of the signal
+    assert list(tmp_path.iterdir()) == []
