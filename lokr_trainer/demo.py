@@ -32,8 +32,7 @@ def _fmt_bytes(n: int) -> str:
 
 def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, object]:
     """Do the demo; return the report as a dict (also used by the tests)."""
-    from safetensors import safe_open
-
+    from lokr_trainer.safetensors_io import SafetensorsReader
     from lokr_trainer.sdxl import load_sdxl, save_sdxl
     from lokr_trainer.sdxl.keys import COMPONENTS, component_of
     from lokr_trainer.testing import make_tiny_sdxl
@@ -53,13 +52,13 @@ def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, objec
         for k, v in getattr(single, comp).state_dict().items()
     )
     resaved = save_sdxl(single, out_dir / "tiny_sdxl_resaved_fp16.safetensors", dtype=torch.float16)
-    with safe_open(str(paths.single_file), "pt") as a, safe_open(str(resaved), "pt") as b:
+    with SafetensorsReader(paths.single_file) as a, SafetensorsReader(resaved) as b:
         same_keys = set(a.keys()) == set(b.keys())
         keys_per_component = {c: sum(component_of(k) == c for k in a.keys()) for c in COMPONENTS}
         max_err = max(
-            (a.get_tensor(k).float() - b.get_tensor(k).float()).abs().max().item()
+            (a.get(k).float() - b.get(k).float()).abs().max().item()
             for k in a.keys()
-            if a.get_tensor(k).is_floating_point()
+            if a.get(k).is_floating_point()
         )
     params = {c: sum(p.numel() for p in getattr(single, c).parameters()) for c in COMPONENTS}
     trained = _train_and_bake(paths.single_file, out_dir, seed, progress)

@@ -84,48 +84,127 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_INT64_MAX = 2**63 - 1
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def check_regular_file(path: Path) -> int:
+    """The size of ``path`` if it is a readable regular file; otherwise an error saying what it is."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise CheckpointError(path, f"is a broken symbolic link (to {os.readlink(path)})") from None
+        raise CheckpointError(path, "file not found") from None
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            raise CheckpointError(path, "is a symbolic link loop") from None
+        raise CheckpointError(path, f"cannot be read ({e.strerror})") from None
+    kinds = (
+        (stat.S_ISDIR, "is a folder, not a .safetensors file"),
+        (stat.S_ISFIFO, "is a FIFO (named pipe), not a .safetensors file"),
+        (stat.S_ISCHR, "is a character device, not a .safetensors file"),
+        (stat.S_ISBLK, "is a block device, not a .safetensors file"),
+        (stat.S_ISSOCK, "is a socket, not a .safetensors file"),
+    )
+    for test, what in kinds:
+        if test(st.st_mode):
+            raise CheckpointError(path, what)
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(path, "cannot be read (permission denied)")
+    return st.st_size
+
+
+def _strict_json(raw: bytes, path: Path, hint: str) -> dict:
+    """The header object; duplicate keys, NaN/Infinity and absurd nesting are refused (as safetensors does)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise CorruptFileError(path, f"header has the key {k!r} twice", hint)
+            out[k] = v
+        return out
+
+    def no_constant(name: str) -> Any:
+        raise CorruptFileError(path, f"header holds {name}, which JSON does not allow", hint)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(path, f"header is not valid JSON ({e})", hint) from None
+    except RecursionError:
+        raise CorruptFileError(path, "header JSON is nested too deeply", hint) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(path, "header is not a JSON object", hint)
+    return header
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX
+
+
 def read_header(path: str | Path) -> SafetensorsHeader:
-    """Parse and validate the header against the file size; read no tensor data."""
+    """Parse and validate the whole header against the file; read no tensor data.
+
+    At least as strict as the ``safetensors`` package: every entry has exactly
+    a known dtype, a shape of non-negative int64 integers and two integer
+    offsets whose span is the shape's byte size; sorted by offset the entries
+    tile the data area exactly (no gap, no overlap, so entries can never alias
+    one range and multiply memory) and the last one ends at the end of the
+    file (no trailing bytes).  Nothing is allocated from an unchecked value.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "file not found")
-    size = path.stat().st_size
-    hint = "the file is truncated or is not a .safetensors file; download or copy it again"
+    size = check_regular_file(path)
+    hint = "the file is truncated, damaged or not a .safetensors file; download or copy it again"
     if size < 8:
         raise CorruptFileError(path, f"only {size} bytes, too short for a safetensors header", hint)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_HEADER or 8 + n > size:
+        if 8 + n > size:
             raise CorruptFileError(path, f"header length {n} does not fit a {size}-byte file", hint)
+        if n > _MAX_HEADER:  # the file is big enough: the cap, not the size, is the reason
+            raise CorruptFileError(path, f"header of {n} bytes is over the {_MAX_HEADER}-byte limit for headers", hint)
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(path, f"header is not valid JSON ({e})", hint) from None
-    if not isinstance(header, dict):
-        raise CorruptFileError(path, "header is not a JSON object", hint)
+    header = _strict_json(raw, path, hint)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptFileError(path, "__metadata__ must map strings to strings", hint)
     base = 8 + n
-    tensors: dict[str, TensorInfo] = {}
+    entries: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
     for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(path, f"tensor {name!r} has an invalid header entry {info!r}", hint) from None
-        expected = math.prod(shape) * element_size(dtype)
-        if end - begin != expected or begin < 0:
+        if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
+            raise CorruptFileError(path, f"tensor {name!r} has an invalid header entry {str(info)[:200]}", hint)
+        dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise CorruptFileError(path, f"tensor {name!r} has an unknown dtype {info['dtype']!r}", hint)
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise CorruptFileError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", hint)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(x) for x in offsets):
+            raise CorruptFileError(path, f"tensor {name!r}: data_offsets {offsets!r} are not two non-negative integers", hint)
+        count = math.prod(shape)
+        if count > _INT64_MAX:
+            raise CorruptFileError(path, f"tensor {name!r}: shape {shape} has more elements than int64 can count", hint)
+        begin, end = offsets
+        expected = count * element_size(dtype)
+        if end < begin or end - begin != expected:
             raise CorruptFileError(
                 path, f"tensor {name!r}: {end - begin} bytes stored for {info['dtype']}{list(shape)} ({expected})", hint
             )
         if base + end > size:
-            raise CorruptFileError(
-                path, f"tensor {name!r} ends at byte {base + end} but the file has {size} bytes", hint
-            )
-        tensors[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
+            raise CorruptFileError(path, f"tensor {name!r} ends at byte {base + end} but the file has {size} bytes", hint)
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    position = 0
+    for begin, end, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin < position:
+            raise CorruptFileError(path, f"tensor {name!r} overlaps the data of another tensor (byte {base + begin})", hint)
+        if begin > position:
+            raise CorruptFileError(path, f"{begin - position} unused bytes before tensor {name!r} (byte {base + position})", hint)
+        position = end
+    if base + position != size:
+        raise CorruptFileError(path, f"{size - base - position} bytes after the last tensor's data", hint)
+    tensors = {name: TensorInfo(name, dtype, shape, base + begin, base + end) for begin, end, name, dtype, shape in entries}
     return SafetensorsHeader(path=path, tensors=tensors, metadata=dict(meta), file_size=size)
 
 

@@ -23,10 +23,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from lokr_trainer.errors import CheckpointError, ConfigError
-from lokr_trainer.safetensors_io import fsync_dir, save_tensors
+from lokr_trainer.safetensors_io import SafetensorsReader, fsync_dir, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +167,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if trainer.get("format") != FORMAT:
         raise CheckpointError(path, f"unknown state format {trainer.get('format')!r}, expected {FORMAT!r}")
     try:
-        adapter = load_file(str(path / "adapter.safetensors"))
+        with SafetensorsReader(path / "adapter.safetensors") as reader:
+            adapter = {k: reader.get(k) for k in reader.keys()}
         optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         misc = torch.load(path / "misc.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any damage means this state cannot be used

@@ -44,14 +44,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 
 from lokr_trainer.data.buckets import CropPlan
 from lokr_trainer.data.images import SkipLog, load_cropped, to_tensor
 from lokr_trainer.data.records import SampleRecord
 from lokr_trainer.data.tags import CaptionConfig
 from lokr_trainer.errors import BadImageError, CacheError, ConfigError
-from lokr_trainer.safetensors_io import save_tensors
+from lokr_trainer.safetensors_io import SafetensorsReader, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +97,9 @@ def _read_entry(path: Path, expect: Mapping[str, str], names: Sequence[str]) -> 
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {n: f.get_tensor(n) for n in names}
+        with SafetensorsReader(path) as f:
+            meta = f.header.metadata
+            tensors = {n: f.get(n) for n in names}
     except Exception as e:  # noqa: BLE001 - any read failure means a corrupt entry
         raise _Corrupt(f"unreadable ({type(e).__name__}: {e})") from None
     for k, v in expect.items():

@@ -172,6 +172,7 @@ class Trainer:
         # accelerate only sets up gloo (MULTI_CPU) when told cpu=True: without it a 2-process CPU
         # launch silently runs as 2 independent single processes
         cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _forget_previous_accelerator(self.cfg.train.mixed_precision)
         try:
             return Accelerator(
                 cpu=cpu,
@@ -674,6 +675,21 @@ class _Run:
     scaling: float
     shift: float
     log: Any
+
+
+def _forget_previous_accelerator(mixed_precision: str) -> None:
+    """Let a second Trainer in one process use another mixed precision (notebooks, test suites).
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a new
+    ``Accelerator`` whose precision differs.  Only that state is cleared; the
+    process group (``PartialState``) stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    current = shared.get("_mixed_precision", mixed_precision)
+    if shared and str(getattr(current, "value", current)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _cast_like(loaded: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
