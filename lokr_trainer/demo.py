@@ -51,7 +51,7 @@ def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, objec
         for comp in COMPONENTS
         for k, v in getattr(single, comp).state_dict().items()
     )
-    resaved = save_sdxl(single, out_dir / "tiny_sdxl_resaved_fp16.safetensors", dtype=torch.float16)
+    resaved = save_sdxl(single, out_dir / "tiny_sdxl_resaved_fp16.safetensors", dtype=torch.float16, overwrite=True)
     with SafetensorsReader(paths.single_file) as a, SafetensorsReader(resaved) as b:
         same_keys = set(a.keys()) == set(b.keys())
         keys_per_component = {c: sum(component_of(k) == c for k in a.keys()) for c in COMPONENTS}

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from lokr_trainer.errors import CheckpointError, CorruptFileError, OutputWriteError
+from lokr_trainer.errors import CheckpointError, ConfigError, CorruptFileError, OutputWriteError
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("lokr_trainer.safetensors_io needs a little-endian machine")
@@ -50,6 +50,31 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E4M3"] = torch.float8_e4m3fn
     DTYPES["F8_E5M2"] = torch.float8_e5m2
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+#: Float dtype names every writer accepts (``save_sdxl``, ``save_lokr``, the merge).
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A float dtype from ``"fp16"``/``"bf16"``/``"fp32"`` (and their long names) or a torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name in DTYPE_NAMES:
+            return name
+        raise ConfigError(f"output dtype {name} is not supported: use fp16, bf16 or fp32")
+    try:
+        return FLOAT_DTYPES[str(name).lower()]
+    except KeyError:
+        raise ConfigError(f"unknown output dtype {name!r}: use fp16, bf16 or fp32") from None
 
 _MAX_HEADER = 100 * 1024 * 1024
 

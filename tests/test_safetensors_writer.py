@@ -105,3 +105,50 @@ def test_sigterm_and_sighup_during_a_write_leave_no_temp_file(tmp_path, sig):
     rc = proc.wait(timeout=60)
     assert rc == -getattr(signal, sig)  # still dies of the signal
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_sdxl_and_save_lokr_refuse_to_overwrite_unless_asked_and_take_dtype_names(tiny_models, tmp_path):
+    from lokr_trainer.lokr import LoKrConfig, attach_lokr
+    from lokr_trainer.sdxl import load_sdxl, save_sdxl
+
+    out = save_sdxl(tiny_models, tmp_path / "m.safetensors", dtype="bf16")
+    with SafetensorsReader(out) as r:
+        assert r.header.tensors[next(k for k in r.keys() if k.endswith("to_q.weight"))].dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="output exists"):
+        save_sdxl(tiny_models, out)
+    save_sdxl(tiny_models, out, dtype="fp16", overwrite=True)
+    models = load_sdxl(out)
+    net = attach_lokr(models, LoKrConfig.from_preset("attn"))
+    lokr = net.save(tmp_path / "a.safetensors", dtype="fp32")
+    with pytest.raises(CheckpointError, match="output exists"):
+        net.save(lokr)
+    with pytest.raises(LokrTrainerError, match="dtype"):
+        net.save(tmp_path / "b.safetensors", dtype="int8")
+
+
+def test_a_diffusers_folder_is_written_whole_or_not_at_all(tiny_models, tmp_path, monkeypatch):
+    import lokr_trainer.sdxl.load as load
+    from lokr_trainer.sdxl import save_sdxl
+
+    folder = save_sdxl(tiny_models, tmp_path / "pipe", layout="diffusers", dtype="fp32")
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    with pytest.raises(CheckpointError, match="output exists"):
+        save_sdxl(tiny_models, folder, layout="diffusers")
+    real = load._save_component
+    calls = {"n": 0}
+
+    def fail_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(load, "_save_component", fail_on_third)
+    with pytest.raises(OutputWriteError, match="No space"):
+        save_sdxl(tiny_models, folder, layout="diffusers", overwrite=True)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before  # the old folder, intact
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # no half-written temp folder
+    calls["n"] = 0
+    with pytest.raises(OutputWriteError):
+        save_sdxl(tiny_models, tmp_path / "new_pipe", layout="diffusers")  # a new folder: nothing of it is left
+    assert not (tmp_path / "new_pipe").exists()

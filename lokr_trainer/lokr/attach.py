@@ -337,10 +337,17 @@ class LoKrNetwork(nn.Module):
         meta["lokr_trainer.lokr_config"] = c.to_json()
         return meta
 
-    def save(self, path: str | Path, *, dtype: torch.dtype = torch.float16, metadata: Mapping[str, str] | None = None) -> Path:
+    def save(
+        self,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str = torch.float16,
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         from lokr_trainer.lokr.io import save_lokr
 
-        return save_lokr(self, path, dtype=dtype, metadata=metadata)
+        return save_lokr(self, path, dtype=dtype, metadata=metadata, overwrite=overwrite)
 
     @torch.no_grad()
     def load_state(self, source: LoKrFile | str | Path, *, strict: bool = True) -> list[str]:

@@ -32,7 +32,7 @@ import torch
 
 from lokr_trainer.errors import CorruptFileError, KeyMapError, ShapeMismatchError
 from lokr_trainer.lokr.names import LOKR_PREFIX, ModuleTable, normalize_lokr_name
-from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
+from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl.keys import SDXL_UNET_LAYOUT, UNetLayout
 
 logger = logging.getLogger(__name__)
@@ -368,18 +368,20 @@ def save_lokr(
     network: Any,
     path: str | Path,
     *,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | str = torch.float16,
     metadata: Mapping[str, str] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Save a :class:`~lokr_trainer.lokr.attach.LoKrNetwork` in the interop format.
 
+    ``dtype`` is a torch dtype or ``"fp16"``/``"bf16"``/``"fp32"``;
     ``metadata`` adds or overrides keys of the network's own (``ss_*``,
-    ``modelspec.*``, ``lokr_trainer.*``); values are turned into strings.
+    ``modelspec.*``, ``lokr_trainer.*``); values are turned into strings.  An
+    existing file is replaced only with ``overwrite=True``, like the merge.
     """
     meta = dict(network.file_metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    return write_lokr(path, network.file_tensors(), meta, dtype=dtype, overwrite=overwrite)
+    return write_lokr(path, network.file_tensors(), meta, dtype=parse_dtype(dtype), overwrite=overwrite)
 
 
 def json_dumps(value: Any) -> str:

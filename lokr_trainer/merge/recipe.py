@@ -26,34 +26,12 @@ from typing import Any, Mapping
 import torch
 
 from lokr_trainer.errors import ConfigError
+from lokr_trainer.safetensors_io import DTYPE_NAMES, parse_dtype  # the one table of dtype names
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name in DTYPE_NAMES:
-            return name
-        raise ConfigError(f"output dtype {name} is not supported: use fp16, bf16 or fp32")
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise ConfigError(f"unknown output dtype {name!r}: use fp16, bf16 or fp32") from None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from lokr_trainer.errors import (
     CorruptFileError,
     KeyMapError,
     MissingComponentError,
+    OutputWriteError,
     UnsafeFormatError,
     WrongModelError,
 )
-from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, write_safetensors
+from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl import configs
 from lokr_trainer.sdxl.keys import (
     COMPONENTS,
@@ -526,12 +528,44 @@ def save_diffusers_folder(
     folder: str | Path,
     *,
     dtype: torch.dtype | None = torch.float16,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a diffusers pipeline folder (safetensors weights, configs, tokenizers)."""
-    from lokr_trainer.sdxl.tokenizers import save_tokenizers
+    """Write a diffusers pipeline folder (safetensors weights, configs, tokenizers).
+
+    Built under a temporary name beside ``folder`` and renamed into place when
+    complete, so a failure (full disk, Ctrl-C) leaves no half folder; an
+    existing folder is replaced only with ``overwrite=True``.
+    """
+    import shutil
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not overwrite:
+        raise CheckpointError(folder, "output exists", "pass overwrite=True to replace it")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(folder, "exists and is not a folder; a diffusers layout is a folder")
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_diffusers_folder(models, tmp, dtype)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+            raise OutputWriteError(folder, e) from e
+        raise
+    return folder
+
+
+def _write_diffusers_folder(models: SDXLModels, folder: Path, dtype: torch.dtype | None) -> None:
+    from lokr_trainer.sdxl.tokenizers import save_tokenizers
+
     for comp in COMPONENTS:
         _save_component(getattr(models, comp), folder / DIFFUSERS_FOLDERS[comp], dtype)
     save_tokenizers(models.tokenizer, models.tokenizer_2, folder)
@@ -552,25 +586,27 @@ def save_diffusers_folder(
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return folder
 
 
 def save_sdxl(
     models: SDXLModels,
     path: str | Path,
     *,
-    dtype: torch.dtype | None = torch.float16,
+    dtype: torch.dtype | str | None = torch.float16,
     layout: Literal["single_file", "diffusers"] = "single_file",
     metadata: Mapping[str, str] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Save as one SDXL ``.safetensors`` file (default) or a diffusers folder.
 
-    ``dtype`` casts floating weights (None keeps them); integer tensors and the
-    verbatim extras (``position_ids``, ``logit_scale``) are never cast.
+    ``dtype`` (a torch dtype or ``"fp16"``/``"bf16"``/``"fp32"``) casts floating
+    weights (None keeps them); integer tensors and the verbatim extras
+    (``position_ids``, ``logit_scale``) are never cast.  An existing output is
+    replaced only with ``overwrite=True``, like the merge.
     """
+    dtype = None if dtype is None else parse_dtype(dtype)
     if layout == "single_file":
         return save_single_file(models, path, dtype=dtype, metadata=metadata, overwrite=overwrite)
     if layout == "diffusers":
-        return save_diffusers_folder(models, path, dtype=dtype)
+        return save_diffusers_folder(models, path, dtype=dtype, overwrite=overwrite)
     raise ValueError(f"unknown layout {layout!r}: use 'single_file' or 'diffusers'")

@@ -95,6 +95,6 @@ def make_tiny_sdxl(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = build_tiny_sdxl(seed)
-    single = save_sdxl(models, out / "tiny_sdxl.safetensors", dtype=dtype, metadata=TINY_METADATA)
-    folder = save_sdxl(models, out / "tiny_sdxl_diffusers", dtype=dtype, layout="diffusers")
+    single = save_sdxl(models, out / "tiny_sdxl.safetensors", dtype=dtype, metadata=TINY_METADATA, overwrite=True)
+    folder = save_sdxl(models, out / "tiny_sdxl_diffusers", dtype=dtype, layout="diffusers", overwrite=True)
     return TinySDXLPaths(root=out, single_file=single, diffusers_dir=folder)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from lokr_trainer.errors import ConfigError, DataError, TrainingError
+from lokr_trainer.safetensors_io import parse_dtype
 from lokr_trainer.train.batching import GlobalBatchPlan, Layout, MicroBatchSampler, WeightedSamples, collate_weighted
 from lokr_trainer.train.checkpoint import (
     STATE_DIR,
@@ -49,7 +50,6 @@ from lokr_trainer.train.checkpoint import (
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -232,7 +232,7 @@ class Trainer:
         models = load_sdxl(m.path, dtype=None, allow_pickle=m.allow_pickle)
         for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
             model = getattr(models, name)
-            want = DTYPES[m.vae_dtype if name == "vae" else m.dtype]
+            want = parse_dtype(m.vae_dtype if name == "vae" else m.dtype)
             if next(model.parameters()).dtype != want:  # diffusers warns on every .to(dtype)
                 model.to(want)
         return models
@@ -352,7 +352,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.toml")
             print(run_summary(cfg, self.layout, len(index), len(set(int(b) for b in index.bucket_ids)),
-                              plan.steps_per_epoch, total_steps, start_step, network.summary(DTYPES[tc.save_dtype]),
+                              plan.steps_per_epoch, total_steps, start_step, network.summary(parse_dtype(tc.save_dtype)),
                               groups, self.skip_log.summary(), out), flush=True)
         loader = torch.utils.data.DataLoader(
             WeightedSamples(dataset),
@@ -543,7 +543,8 @@ class Trainer:
             "ss_steps": str(step),
             "modelspec.title": f"{self.output_dir.name} step {step}",
         })
-        return run.network.save(path, dtype=DTYPES[run.cfg.train.save_dtype], metadata=meta)
+        # the trainer owns its output folder (it refuses to start over another run's states)
+        return run.network.save(path, dtype=run.cfg.train.save_dtype, metadata=meta, overwrite=True)
 
     def _save_state(self, run: "_Run", step: int) -> Path | None:
         """All ranks call this; the main process writes (optimizer states are the same on every rank)."""
