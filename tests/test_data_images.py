@@ -251,3 +251,30 @@ def test_dataset_time_ids_are_the_real_original_size_and_crop(tmp_path: Path) ->
         if plan.resized_w - plan.bucket.width + plan.resized_h - plan.bucket.height > 8:
             assert len({(p.left, p.top) for p in plans}) > 1
     assert flips == {False, True}
+
+
+def _png(w: int, h: int, rows_kept: int | None = None, interlace: bool = False) -> tuple[bytes, np.ndarray]:
+    """A hand-made RGB PNG; ``rows_kept`` cuts the (complete, valid) zlib stream short of the IHDR's height."""
+
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    arr = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    parts = [arr[y0::dy, x0::dx] for x0, y0, dx, dy in passes] if interlace else [arr]
+    rows = [b"\x00" + r.tobytes() for p in parts if p.size for r in p]
+    if rows_kept is not None:
+        rows = rows[:rows_kept]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, int(interlace))
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
+    return data, arr
+
+
+@pytest.mark.parametrize("interlace", [False, True])
+def test_a_png_whose_pixel_data_ends_early_is_a_truncated_skip_not_a_black_image(interlace):
+    good, arr = _png(37, 29, interlace=interlace)
+    assert (np.asarray(decode_image(good)) == arr).all()  # complete PNGs (also Adam7) decode as before
+    short, _ = _png(37, 29, rows_kept=10, interlace=interlace)
+    with pytest.raises(BadImageError, match="ends early") as e:
+        decode_image(short)
+    assert e.value.kind == "truncated"

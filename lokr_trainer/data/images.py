@@ -220,6 +220,55 @@ def decode_image(
     return _decode(src, _where(src, where), opts, lambda w, h: min_size)[0]
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: Adam7 passes: (x start, y start, x step, y step)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_missing_rows(data: bytes) -> int:
+    """How many bytes of pixel data a PNG lacks (0 when complete).
+
+    Pillow decodes a PNG whose compressed data ends cleanly but early without
+    an error and leaves the missing rows black; a training image like that is
+    worse than a skipped one.  The IHDR gives the exact size of the filtered
+    rows, so the IDAT stream is inflated (into a counter, not kept) and
+    compared with it.
+    """
+    if len(data) < 33 or data[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0
+    w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = _PNG_CHANNELS.get(color, 0) * depth
+    if not bits:
+        return 0
+
+    def rows(pw: int, ph: int) -> int:
+        return 0 if pw == 0 or ph == 0 else ph * (1 + (pw * bits + 7) // 8)
+
+    if interlace:
+        expected = sum(rows((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
+    else:
+        expected = rows(w, h)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and got < expected:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            chunk = data[pos + 8 : pos + 8 + length]
+            while chunk and got < expected:
+                got += len(inflate.decompress(chunk, expected - got))
+                chunk = inflate.unconsumed_tail
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return max(0, expected - got)
+
+
+def _read_bytes(src: ImageSource) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    with open(src, "rb") as f:
+        return f.read()
+
+
 def _decode(
     src: ImageSource,
     where: str,
@@ -239,6 +288,13 @@ def _decode(
             img.draft(None, (max(1, req[0]), max(1, req[1])))
         try:
             img.load()
+            if img.format == "PNG":
+                missing = png_missing_rows(_read_bytes(src))
+                if missing:
+                    raise BadImageError(
+                        where, f"the PNG's pixel data ends early ({missing} bytes missing): its last rows would be black",
+                        kind="truncated",
+                    )
             if orient != 1:
                 img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img, opts, where)
