@@ -257,3 +257,14 @@ def test_a_weight_map_pointing_outside_its_folder_is_refused(tiny_sdxl, tmp_path
     with pytest.raises(CorruptFileError, match="outside its folder"):
         merge(out_dir / "o.safetensors", [folder], progress=False)
     _nothing_written(out_dir)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_a_nan_in_a_base_is_refused_even_when_copied_byte_for_byte(base, out_dir, tmp_path, dtype):
+    t = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in base.tensors.items()}
+    t[TO_Q] = t[TO_Q].clone()
+    t[TO_Q].view(-1)[5] = float("nan")
+    nan_base = write_file(tmp_path / "nan16.safetensors", t)
+    with pytest.raises(NonFiniteResultError, match=r"attn1\.to_q\.weight holds .*inf/nan values already in its input.*damaged"):
+        merge(out_dir / "o.safetensors", [nan_base], dtype=dtype, progress=False)  # fp16 -> fp16 is a plain copy
+    _nothing_written(out_dir)

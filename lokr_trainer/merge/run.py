@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lokr_trainer.errors import NonFiniteResultError
-from lokr_trainer.merge.ops import Delta, NonFiniteResult, combine
+from lokr_trainer.merge.ops import Delta, NonFiniteResult, _count_non_finite, combine
 from lokr_trainer.merge.metadata import build_metadata
 from lokr_trainer.merge.plan import MergePlan, PlanItem
 from lokr_trainer.merge.report import fmt_bytes
@@ -60,7 +60,15 @@ def compute_item(plan: MergePlan, item: PlanItem) -> tuple[str, torch.Tensor]:
     else:
         inputs = [plan.bases[0].read(key)]
     if item.verbatim:
-        return key, inputs[0]
+        t = inputs[0]
+        if t.is_floating_point():  # copied byte for byte, but never a NaN/inf passed on unnoticed
+            bad, first = _count_non_finite(t.reshape(-1), 0, 0, -1)
+            if bad:
+                raise NonFiniteResultError(
+                    f"{plan.recipe.out}: not written: {key} holds {bad} inf/nan values already in its input "
+                    f"(first at flat index {first}; {_describe(plan, item)}); the input checkpoint is damaged"
+                )
+        return key, t
     weights = plan.weights if item.weighted else None
     check = item.source != "reference" or bool(item.deltas)
     try:
@@ -73,6 +81,11 @@ def compute_item(plan: MergePlan, item: PlanItem) -> tuple[str, torch.Tensor]:
         for c in item.deltas:  # each module lands on one tensor: its factors are no longer needed
             c.module.tensors.clear()
     except NonFiniteResult as e:
+        if any(x.is_floating_point() and not bool(torch.isfinite(x).all()) for x in inputs):
+            raise NonFiniteResultError(
+                f"{plan.recipe.out}: not written: {key} holds inf/nan values already in its input "
+                f"({_describe(plan, item)}); the input checkpoint is damaged"
+            ) from None
         hint = "lower the multiplier or weights"
         if item.out.dtype == torch.float16:
             hint += ", or use --dtype bf16/fp32 if the values exceed the fp16 range"
