@@ -78,14 +78,14 @@ def test_errors_exit_1_with_the_message(tiny_sdxl, work, capsys):
     out.write_bytes(b"x")
     rc = main(["--out", str(out), "--base", str(tiny_sdxl.single_file), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and "error:" in err and "exists.safetensors" in err and "--overwrite" in err
+    assert rc == 2 and "error:" in err and "exists.safetensors" in err and "--overwrite" in err
     rc = main(["--out", str(work / "w.safetensors"), "--base", str(tiny_sdxl.single_file), "--weights", "0.5", "0.5"])
-    assert rc == 1 and "2 weights for 1 bases" in capsys.readouterr().err
+    assert rc == 2 and "2 weights for 1 bases" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--base", str(tiny_sdxl.single_file)])
     assert e.value.code == 2
     (work / "typo.toml").write_text('out = "x.safetensors"\nbase = ["a"]\nlokrr = ["l"]\n')
-    assert main(["--recipe", str(work / "typo.toml")]) == 1
+    assert main(["--recipe", str(work / "typo.toml")]) == 2
     assert "unknown recipe key 'lokrr'" in capsys.readouterr().err
     assert "w.safetensors" not in files_in(work)
 
@@ -127,3 +127,37 @@ def test_merge_imports_no_networks(tiny_sdxl, work):
     assert "HEAVY []" in p.stdout, p.stdout
     meta = read_all(work / "light.safetensors")[1]
     assert json.loads(meta["lokr_trainer.merge"])["bases"][0]["format"] == "diffusers"
+
+
+def test_hostile_inputs_get_one_line_exit_2_and_the_right_cause(tiny_sdxl, tmp_path, capsys):
+    """No traceback: each bad input names the file and what is wrong with it."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = str(tiny_sdxl.single_file)
+    lokr = tmp_path / "x.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lokr_w1": torch.ones(2, 2),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lokr_w2": torch.ones(32, 32)}, str(lokr))
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(64, 4),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 64)}, str(lora))
+    r1 = tmp_path / "r1.toml"
+    r1.write_text(f'out = "o.safetensors"\nbase = ["{base}"]\nworkers = "two"\n')
+    r2 = tmp_path / "r2.toml"
+    r2.write_text('out = "o.safetensors"\nbase = 5\n')
+    out = str(tmp_path / "o.safetensors")
+    cases = [
+        (["--base", base, "--lokr", f"{lokr}:nan", "--out", out], "nan is not finite"),
+        (["--base", base, "--lokr", f"{lokr}:abc", "--out", out], "the multiplier 'abc' after ':' is not a number"),
+        (["--base", base, "--lokr", str(lora), "--out", out], "is a LoRA (lora_up/lora_down), not a LoKr"),
+        (["--base", base, "--lokr", base, "--out", out], "is a model checkpoint, not a LoKr adapter (pass it as --base)"),
+        (["--recipe", str(r1)], f"{r1}: workers must be a whole number"),
+        (["--recipe", str(r2)], f"{r2}: base must be a path or a list of paths, got 5"),
+        (["--recipe", str(tmp_path)], "is a folder; --recipe takes a .toml recipe file"),
+    ]
+    for argv, expect in cases:
+        rc = main(argv + (["--no-progress"] if "--recipe" not in argv else []))
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert expect in err and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "o.safetensors").exists()

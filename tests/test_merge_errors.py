@@ -111,13 +111,22 @@ def test_lokr_module_missing_from_base_stops_unless_skipped(base, out_dir, tmp_p
     assert files_in(out_dir) == ["o.safetensors"]
 
 
-def test_non_lokr_modules_are_unmatched(base, out_dir, tmp_path):
-    lokr = write_file(tmp_path / "lora.safetensors", {
+def test_non_lokr_modules_are_unmatched_and_a_pure_lora_file_is_named_as_one(base, out_dir, tmp_path):
+    lora = {
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 4),
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 32),
-    })
+    }
+    pure = write_file(tmp_path / "lora.safetensors", lora)
+    with pytest.raises(CheckpointError, match="is a LoRA"):
+        bake_lokr(base.path, [pure], out_dir / "o.safetensors", progress=False)
+    g = torch.Generator().manual_seed(0)
+    mixed_modules = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": lokr_module((64, 64), g, mode="full")}
+    mixed = write_lokr_file(tmp_path / "mixed.safetensors", mixed_modules)
+    extra = read_all(mixed)[0]
+    extra.update(lora)
+    mixed = write_file(tmp_path / "mixed2.safetensors", extra)
     with pytest.raises(UnmatchedModuleError, match="not a LoKr module"):
-        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", progress=False)
+        bake_lokr(base.path, [mixed], out_dir / "o.safetensors", progress=False)
     _nothing_written(out_dir)
 
 

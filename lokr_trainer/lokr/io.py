@@ -51,7 +51,28 @@ TENSOR_ORDER: tuple[str, ...] = (
 )
 _KNOWN = frozenset(TENSOR_ORDER)
 #: Tensors that mark another algorithm's module (LoRA/LoCon, LoHa, …).
-_FOREIGN_MARKERS = ("lora_up", "lora_down", "hada_w1_a", "hada_w1_b", "diff", "oft_blocks", "oft_diag", "w_norm", "b_norm")
+#: What a file holds when it has no LoKr module: tensor-name markers → a description.
+_FOREIGN_KINDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("lora_up", "lora_down", "lora_A", "lora_B"), "a LoRA (lora_up/lora_down), not a LoKr"),
+    (("hada_w1_a", "hada_w1_b"), "a LoHa, not a LoKr"),
+    (("oft_blocks", "oft_diag"), "an OFT/BOFT adapter, not a LoKr"),
+    (("diff",), "a full-weight difference (LyCORIS 'full'), not a LoKr"),
+)
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "conditioner.embedders.", "first_stage_model.", "down_blocks.", "text_model.")
+
+
+def describe_non_lokr(keys: Iterable[str]) -> str | None:
+    """What a file without any LoKr module is (a LoRA, a checkpoint, …), for an error message that says so."""
+    keys = list(keys)
+    if any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in keys):
+        return None
+    if keys and sum(k.startswith(_CHECKPOINT_PREFIXES) for k in keys) * 2 > len(keys):
+        return "a model checkpoint, not a LoKr adapter (pass it as --base)"
+    tensor_names = {k.rpartition(".")[2] for k in keys} | {k.rsplit(".", 2)[-2] for k in keys if k.count(".") >= 2}
+    for markers, what in _FOREIGN_KINDS:
+        if tensor_names & set(markers):
+            return what
+    return None
 
 #: modelspec / ss values every SDXL LoRA-family file carries (research/lycoris.md §6).
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -321,6 +342,10 @@ def load_lokr(
         problems.append(f"{len(unknown)} module names match no SDXL module: {'; '.join(sorted(unknown)[:8])}")
     msg = "; ".join(problems)
     if not modules:
+        with SafetensorsReader(path) as reader:
+            what = describe_non_lokr(reader.keys())
+        if what is not None:
+            raise CorruptFileError(path, f"this file is {what}")
         raise CorruptFileError(path, "no usable LoKr module in this file" + (f": {msg}" if msg else " (no lokr_w1/lokr_w1_a tensors)"))
     if problems:
         if not skip_unknown:

@@ -69,20 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_malloc()  # reuse freed tensor memory instead of faulting in fresh pages per tensor
 
-    values = {
-        "out": args.out,
-        "bases": args.base,
-        "weights": args.weights,
-        "restore_embeddings": args.restore_embeddings,
-        "lokrs": None if args.lokr is None else [LoKrInput.parse(x) for x in args.lokr],
-        "dtype": args.dtype,
-        "overwrite": args.overwrite,
-        "skip_unmatched": args.skip_unmatched,
-        "hash_inputs": args.hash_inputs,
-        "title": args.title,
-        "workers": args.workers,
-    }
     try:
+        values = {
+            "out": args.out,
+            "bases": args.base,
+            "weights": args.weights,
+            "restore_embeddings": args.restore_embeddings,
+            "lokrs": None if args.lokr is None else [LoKrInput.parse(x) for x in args.lokr],
+            "dtype": args.dtype,
+            "overwrite": args.overwrite,
+            "skip_unmatched": args.skip_unmatched,
+            "hash_inputs": args.hash_inputs,
+            "title": args.title,
+            "workers": args.workers,
+        }
         if args.recipe is not None:
             recipe = args.recipe
             overrides = {k: v for k, v in values.items() if v is not None}
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_recipe(recipe, dry_run=args.dry_run, progress=not args.no_progress, log_warnings=False, **overrides)
     except LokrTrainerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

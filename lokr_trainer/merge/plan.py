@@ -273,7 +273,7 @@ def _lokr_component(raw_name: str) -> str | None:
 
 def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tuple[list[Any], list[LoKrCount], dict[str, list[Contribution]]]:
     """Load every LoKr file and map its modules onto base keys; refuse what does not fit."""
-    from lokr_trainer.lokr.io import load_lokr
+    from lokr_trainer.lokr.io import describe_non_lokr, load_lokr
     from lokr_trainer.lokr.names import lokr_name_to_sdxl_key, normalize_lokr_name
 
     table, layout = _module_table(base)
@@ -285,6 +285,9 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
         if path.is_dir() or not path.exists():
             raise CheckpointError(path, "LoKr file not found")
         header = read_header(path)
+        what = describe_non_lokr(header.tensors)
+        if what is not None:
+            raise CheckpointError(path, f"this file is {what}")
         count = LoKrCount()
         # 1. Names first (headers only): which modules does this base have?
         groups: dict[str, set[str]] = {}

@@ -60,7 +60,8 @@ class LoKrInput:
                 mult = float(tail)
                 path = head
             except ValueError:
-                pass
+                if _resolve(head, base_dir).exists() and not _resolve(text, base_dir).exists():
+                    raise ConfigError(f"{text}: the multiplier {tail!r} after ':' is not a number") from None
         return cls(_resolve(path, base_dir), _number(mult, f"multiplier of {path}"))
 
 
@@ -74,8 +75,14 @@ def _number(x: Any, what: str) -> float:
     return v
 
 
+def _path(p: Any, what: str) -> Path:
+    if not isinstance(p, (str, Path)) or not str(p):
+        raise ConfigError(f"{what} must be a file or folder path, got {p!r}")
+    return Path(p)
+
+
 def _resolve(p: Any, base_dir: Path | None) -> Path:
-    path = Path(str(p)).expanduser()
+    path = _path(p, "path").expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     return path
@@ -103,13 +110,17 @@ class Recipe:
     extra_metadata: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "out", _path(self.out, "out"))
         if isinstance(self.bases, (str, Path)):
             object.__setattr__(self, "bases", (self.bases,))
-        object.__setattr__(self, "bases", tuple(Path(b) for b in self.bases))
+        if not isinstance(self.bases, (list, tuple)):
+            raise ConfigError(f"base must be a path or a list of paths, got {self.bases!r}")
+        object.__setattr__(self, "bases", tuple(_path(b, "base") for b in self.bases))
         if not self.bases:
             raise ConfigError("a merge needs at least one base checkpoint (--base)")
         if self.weights is not None:
+            if not isinstance(self.weights, (list, tuple)):
+                raise ConfigError(f"weights must be a list of numbers, got {self.weights!r}")
             ws = tuple(_number(w, "weight") for w in self.weights)
             object.__setattr__(self, "weights", ws)
             if len(ws) != len(self.bases):
@@ -123,8 +134,13 @@ class Recipe:
             object.__setattr__(self, "lokrs", (self.lokrs,))
         object.__setattr__(self, "lokrs", tuple(LoKrInput.parse(x) for x in self.lokrs))
         object.__setattr__(self, "dtype", parse_dtype(self.dtype))
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError("workers must be >= 0")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0):
+            raise ConfigError(f"workers must be a whole number >= 0, got {self.workers!r}")
+        for name in ("overwrite", "skip_unmatched", "hash_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.title is not None and not isinstance(self.title, str):
+            raise ConfigError(f"title must be a string, got {self.title!r}")
 
     @property
     def effective_weights(self) -> tuple[float, ...] | None:
@@ -166,6 +182,10 @@ def recipe_dict_from_toml(path: str | Path) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --recipe takes a .toml recipe file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base_dir = path.resolve().parent
@@ -182,6 +202,8 @@ def recipe_dict_from_toml(path: str | Path) -> dict[str, Any]:
             values[name] = _resolve(values[name], base_dir)
     if "bases" in values:
         bases = values["bases"]
+        if not isinstance(bases, (str, list)):
+            raise ConfigError(f"{path}: base must be a path or a list of paths, got {bases!r}")
         bases = [bases] if isinstance(bases, str) else list(bases)
         paths, weights = [], []
         for b in bases:
@@ -200,6 +222,8 @@ def recipe_dict_from_toml(path: str | Path) -> dict[str, Any]:
         values["bases"] = paths
     if "lokrs" in values:
         lokrs = values["lokrs"]
+        if not isinstance(lokrs, (str, Mapping, list)):
+            raise ConfigError(f"{path}: lokr must be a path, a table or a list of them, got {lokrs!r}")
         lokrs = [lokrs] if isinstance(lokrs, (str, Mapping)) else list(lokrs)
         values["lokrs"] = [LoKrInput.parse(x, base_dir) for x in lokrs]
     if "extra_metadata" in values:
@@ -220,7 +244,10 @@ def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
     missing = [k for k in ("out", "bases") if k not in values]
     if missing:
         raise ConfigError(f"{path}: recipe lacks {' and '.join('base' if m == 'bases' else m for m in missing)}")
-    return Recipe(**values)
+    try:
+        return Recipe(**values)
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
