@@ -141,7 +141,8 @@ def test_truncation_counted_in_summary(models, caplog) -> None:
     assert out.hidden.shape == (3, 152, 64)
     assert (enc.prompts, enc.truncated) == (6, 2) and enc.longest >= 200
     assert "truncated to 150 tokens: 2" in enc.summary()
-    assert sum("max_tokens=150" in m for m in caplog.messages) == 1  # warned once, counted always
+    warned = [m for m in caplog.messages if "max_tokens=150" in m]
+    assert len(warned) == 1 and "1 of 2 prompts" in warned[0] and "raise data.max_tokens" in warned[0]  # once, counted always
 
 
 def test_gradients_reach_trained_text_encoders(models) -> None:

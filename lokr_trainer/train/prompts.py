@@ -204,9 +204,12 @@ class PromptEncoder:
         t = sum(out.truncated)
         if t and not self.truncated:
             logger.warning(
-                "a prompt has %d tokens, more than max_tokens=%d; the excess is dropped (counted in the summary)",
-                max(out.n_tokens),
+                "%d of %d prompts in this batch have more than max_tokens=%d tokens (longest %d); the excess is "
+                "dropped and counted in the summary (raise data.max_tokens, a multiple of 75, to keep it)",
+                t,
+                len(out.truncated),
                 self.max_tokens,
+                max(out.n_tokens),
             )
         self.truncated += t
         self.longest = max([self.longest, *out.n_tokens])
