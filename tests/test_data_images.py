@@ -278,3 +278,22 @@ def test_a_png_whose_pixel_data_ends_early_is_a_truncated_skip_not_a_black_image
     with pytest.raises(BadImageError, match="ends early") as e:
         decode_image(short)
     assert e.value.kind == "truncated"
+
+
+def test_fifos_folders_and_broken_links_named_like_images_are_counted_and_logged(tmp_path, caplog):
+    import os
+
+    from lokr_trainer.data import BucketConfig, BucketSet, FolderSource, index_records
+
+    noise_image(64, 64, 1).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block the run forever
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "broken.png").symlink_to(tmp_path / "gone.png")
+    log = SkipLog()
+    with caplog.at_level("WARNING"):
+        index = index_records(FolderSource(tmp_path), BucketSet.from_config(BucketConfig(64, 16, 32, 128)),
+                              skip_log=log, progress=False)
+    assert [r.key for r in index.records] == ["good.png"]
+    assert log.total == 3 and log.counts == {"not_an_image": 2, "missing": 1}
+    for name, why in (("pipe.png", "is a FIFO"), ("folder.png", "is a folder"), ("broken.png", "broken symbolic link")):
+        assert any(name in m and why in m for m in caplog.messages), (name, caplog.messages)

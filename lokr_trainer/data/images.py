@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -102,12 +103,18 @@ def _open(src: ImageSource, where: str, opts: DecodeOptions) -> Image.Image:
         fp: object = io.BytesIO(src)
     else:
         try:
-            if os.path.getsize(src) == 0:
-                raise BadImageError(where, "empty file (0 bytes)", kind="empty")
+            st = os.stat(src)
         except FileNotFoundError:
+            if os.path.islink(src):
+                raise BadImageError(where, f"broken symbolic link (to {os.readlink(src)})", kind="missing") from None
             raise BadImageError(where, "file not found", kind="missing") from None
         except OSError as e:
             raise BadImageError(where, f"cannot read file: {e}", kind="unreadable") from None
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block the run forever
+            what = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+            raise BadImageError(where, f"is {what}, not an image file", kind="not_an_image")
+        if st.st_size == 0:
+            raise BadImageError(where, "empty file (0 bytes)", kind="empty")
         fp = os.fspath(src)
     try:
         with warnings.catch_warnings():

@@ -191,7 +191,9 @@ class FolderSource:
         if not root.is_dir():
             raise DataError(f"{root}: not a directory")
         walker = root.rglob("*") if self.recursive else root.glob("*")
-        files = sorted(p for p in walker if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        # everything named like an image: FIFOs, folders and broken links named *.png become
+        # records too, so that indexing logs and counts them instead of passing them over
+        files = sorted(p for p in walker if p.suffix.lower() in IMAGE_EXTENSIONS)
         for p in files:
             yield self._record(root, p)
 
