@@ -19,7 +19,7 @@ def test_safetensors_source_reads_what_safetensors_reads(tiny_sdxl):
     src = SafetensorsSource(tiny_sdxl.single_file)
     try:
         assert set(src.keys()) == set(ref) and src.metadata == meta
-        starts = [src.info(k).start for k in src.keys()]
+        starts = [src.header.tensors[k].start for k in src.keys()]
         assert starts == sorted(starts)  # on-disk order: sequential reads
         for k in src.keys():
             t = src.read(k)

@@ -41,10 +41,6 @@ class Bucket:
     def area(self) -> int:
         return self.width * self.height
 
-    @property
-    def size_hw(self) -> tuple[int, int]:
-        return (self.height, self.width)
-
     def __str__(self) -> str:
         return f"{self.width}x{self.height}"
 

@@ -13,10 +13,6 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Mapping
 
-#: Tag categories a record may carry, in danbooru's vocabulary.  ``general``
-#: also receives ``meta`` tags that survive the meta filter (see tags.py).
-TAG_CATEGORIES: tuple[str, ...] = ("character", "copyright", "artist", "general", "meta")
-
 #: Rating names accepted in metadata, mapped to danbooru's four ratings.
 RATING_ALIASES: Mapping[str, str] = {
     "g": "general",

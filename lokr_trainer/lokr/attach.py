@@ -44,8 +44,6 @@ from lokr_trainer.lokr.targets import LoKrConfig, ModuleSettings
 
 logger = logging.getLogger(__name__)
 
-#: Factor tensors of a LokrModule, in file order.
-_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from lokr_trainer.errors import CorruptFileError, KeyMapError, ShapeMismatchError
-from lokr_trainer.lokr.names import LOKR_PREFIX, ModuleTable, normalize_lokr_name
+from lokr_trainer.lokr.names import ModuleTable, normalize_lokr_name
 from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl.keys import SDXL_UNET_LAYOUT, UNetLayout
 
@@ -91,13 +91,6 @@ class LoKrModuleWeights:
     tensors: dict[str, torch.Tensor]
 
     # -- structure -------------------------------------------------------------------
-
-    @property
-    def component(self) -> str:
-        for comp, prefix in LOKR_PREFIX.items():
-            if self.name.startswith(prefix):
-                return comp
-        raise KeyMapError(f"{self.name!r} has no lora_unet_/lora_te1_/lora_te2_ prefix")
 
     @property
     def w1_full(self) -> bool:
@@ -223,9 +216,6 @@ class LoKrModuleWeights:
             factor = multiplier * (factor - 1) + 1
         return merged * factor
 
-    def numel(self) -> int:
-        return sum(t.numel() for k, t in self.tensors.items() if k != "alpha")
-
     def validate(self, where: str | Path | None = None) -> None:
         """Raise :class:`CorruptFileError` when the tensors are not one consistent LoKr module."""
         t = self.tensors
@@ -277,10 +267,6 @@ class LoKrFile:
     metadata: dict[str, str] = field(default_factory=dict)
     #: "name (reason)" of modules left out with ``skip_unknown=True``.
     skipped: list[str] = field(default_factory=list)
-
-    def component(self, component: str) -> dict[str, LoKrModuleWeights]:
-        prefix = LOKR_PREFIX[component]
-        return {k: v for k, v in self.modules.items() if k.startswith(prefix)}
 
     def save(self, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = True) -> Path:
         """Write the file back (same tensors and metadata unless ``dtype`` recasts the weights)."""

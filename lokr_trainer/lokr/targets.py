@@ -28,7 +28,7 @@ import dataclasses
 import fnmatch
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from lokr_trainer.errors import ConfigError, KeyMapError
 from lokr_trainer.lokr.names import COMPONENTS, KINDS, ModuleEntry, ModuleTable, group_te_attention
@@ -359,6 +359,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-
-def preset_names() -> Iterable[str]:
-    return PRESETS.keys()

@@ -161,9 +161,6 @@ class SafetensorsSource:
         t = self.header.tensors[key]
         return TensorMeta(key, t.dtype, t.shape)
 
-    def info(self, key: str) -> TensorInfo:
-        return self.header.tensors[key]
-
     def read(self, key: str) -> torch.Tensor:
         return self._reader.read(self.header.tensors[key])
 
