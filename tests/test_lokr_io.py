@@ -265,3 +265,23 @@ def test_reading_adapters_imports_no_model_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"lokr_w1": torch.ones(2, 2), "lokr_w2_a": torch.ones(32, 0), "lokr_w2_b": torch.ones(0, 32)}, "zero-size factor"),
+        ({"lokr_w1": torch.ones(2, 2), "lokr_w2": torch.ones(32, 32), "dora_scale": torch.ones(3, 7)}, "dora_scale has shape"),
+        ({"lokr_w1": torch.ones(2, 2, dtype=torch.int32), "lokr_w2": torch.ones(32, 32)}, "int32; LoKr tensors are floating point"),
+    ],
+)
+def test_malformed_lokr_modules_are_errors_naming_the_module(tmp_path, extra, message):
+    from safetensors.torch import save_file
+
+    from lokr_trainer.errors import CorruptFileError
+
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.{k}": v for k, v in extra.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CorruptFileError, match=message) as e:
+        load_lokr(tmp_path / "bad.safetensors")
+    assert name in str(e.value)

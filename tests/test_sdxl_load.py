@@ -284,3 +284,24 @@ def test_save_is_atomic_on_failure(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_sdxl(tiny_models, out)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["1d_label_emb", "no_input_resnets", "int_weight"])
+def test_sdxl_shaped_files_that_are_not_sdxl_networks_are_clear_errors(tiny_sdxl, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from lokr_trainer.errors import CorruptFileError
+
+    t = load_file(str(tiny_sdxl.single_file))
+    if damage == "1d_label_emb":
+        t["model.diffusion_model.label_emb.0.0.weight"] = torch.ones(5)
+        message = "do not form SDXL networks"
+    elif damage == "no_input_resnets":
+        t = {k: v for k, v in t.items() if ".input_blocks.1.0." not in k}
+        message = "do not form SDXL networks"
+    else:
+        t["model.diffusion_model.out.2.weight"] = t["model.diffusion_model.out.2.weight"].to(torch.int32)
+        message = "stored as integers: conv_out.weight"
+    save_file(t, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CorruptFileError, match=message):
+        load_sdxl(tmp_path / "bad.safetensors")

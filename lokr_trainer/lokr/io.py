@@ -253,6 +253,18 @@ class LoKrModuleWeights:
                 raise ValueError(f"lokr_w2 must be at least 2-D, got {list(t['lokr_w2'].shape)}")
         except ValueError as e:
             raise bad(f"inconsistent factor shapes: {e}") from None
+        for name, x in t.items():
+            if not x.is_floating_point():
+                raise bad(f"{name} is {str(x.dtype).replace('torch.', '')}; LoKr tensors are floating point")
+            if name != "alpha" and x.numel() == 0:
+                raise bad(f"{name} has shape {list(x.shape)}: a zero-size factor (rank 0) changes nothing")
+        if "dora_scale" in t:
+            out, cin = self.kron_shape()
+            d = t["dora_scale"]
+            ones = [n for n in d.shape if n != 1]
+            if d.dim() < 2 or len(ones) > 1 or d.numel() not in (out, cin):
+                raise bad(f"dora_scale has shape {list(d.shape)}; DoKr stores one scale per output (or input) "
+                          f"channel: ({out}, 1, …) or (1, {cin})")
 
 
 # --------------------------------------------------------------------------- one file

@@ -270,9 +270,15 @@ def load_single_file(
         try:
             cfgs = infer_configs(shapes)
             layouts = Layouts.from_file_keys(keys)
+            models = {c: build_empty(c, cfgs[c]) for c in COMPONENTS}
         except KeyMapError as e:
             raise CorruptFileError(path, f"not a complete SDXL checkpoint: {e}") from None
-        models = {c: build_empty(c, cfgs[c]) for c in COMPONENTS}
+        except (IndexError, KeyError, ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
+            # shapes that name SDXL keys but do not form SDXL networks (a 1-D label_emb, no input ResNets)
+            raise CorruptFileError(
+                path, f"the tensor shapes do not form SDXL networks ({type(e).__name__}: {e})",
+                "the file is damaged or not an SDXL checkpoint",
+            ) from None
         states: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
         extra: dict[str, torch.Tensor] = {}
         for key in keys:
@@ -325,6 +331,12 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, 
     ]
     if bad:
         raise CorruptFileError(path, f"{comp} shape mismatch: " + "; ".join(bad[:3]))
+    ints = [k for k, v in state.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise CorruptFileError(
+            path, f"{comp} weights stored as integers: {', '.join(f'{k} ({state[k].dtype})' for k in ints[:3])}",
+            "network weights are floating point; the file is damaged",
+        )
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
 
