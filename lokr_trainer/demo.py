@@ -22,20 +22,13 @@ import torch
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, object]:
     """Do the demo; return the report as a dict (also used by the tests)."""
     from lokr_trainer.safetensors_io import SafetensorsReader
     from lokr_trainer.sdxl import load_sdxl, save_sdxl
     from lokr_trainer.sdxl.keys import COMPONENTS, component_of
     from lokr_trainer.testing import make_tiny_sdxl
+    from lokr_trainer.units import fmt_bytes
 
     t0 = time.perf_counter()
     paths = make_tiny_sdxl(out_dir / "tiny_sdxl", seed=seed)
@@ -73,7 +66,7 @@ def run(out_dir: Path, seed: int = 0, progress: bool = False) -> dict[str, objec
         "fp16_resave_same_keys": same_keys,
         "fp16_resave_max_abs_error": max_err,
         "seconds": {"make": round(t_make, 2), "load_both": round(t_load, 2)},
-        "file_size": _fmt_bytes(paths.single_file.stat().st_size),
+        "file_size": fmt_bytes(paths.single_file.stat().st_size),
     }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lokr_trainer.merge.plan import EMBEDDING_KEYS, ComponentCount, LoKrCount, MergePlan, plan_merge
+from lokr_trainer.merge.metadata import build_metadata
 from lokr_trainer.merge.report import format_report
 from lokr_trainer.merge.recipe import LoKrInput, Recipe, load_recipe
 from lokr_trainer.merge.run import RunStats, execute
@@ -82,6 +83,7 @@ def run_recipe(
     elif overrides:
         recipe = recipe.with_(**{k: v for k, v in overrides.items() if v is not None})
     with plan_merge(recipe) as plan:
+        plan.header_metadata = build_metadata(plan)
         peak = plan.expected_peak_bytes()
         report = format_report(plan, peak=peak)
         if log_warnings:

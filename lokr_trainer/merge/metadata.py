@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lokr_trainer.merge.plan import EMBEDDING_KEYS, LABELS, MergePlan
+from lokr_trainer.merge.plan import MergePlan
+from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS
 from lokr_trainer.merge.recipe import DTYPE_NAMES
 
 #: modelspec keys worth keeping from the first base (they describe the architecture, not the file).

@@ -33,23 +33,16 @@ from lokr_trainer.errors import (
     WrongModelError,
 )
 from lokr_trainer.merge.ops import cast_exact
+from lokr_trainer.units import fmt_bytes
 from lokr_trainer.merge.recipe import DTYPE_NAMES, Recipe
 from lokr_trainer.merge.stream import TensorMeta, TensorSource, open_source
 from lokr_trainer.safetensors_io import element_size, read_header
-from lokr_trainer.sdxl.keys import PASSTHROUGH_KEYS, PREFIXES, Layouts, component_of
+from lokr_trainer.sdxl.keys import Layouts, component_of
+from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS, PASSTHROUGH_KEYS, PREFIXES
 
 logger = logging.getLogger("lokr_trainer.merge")
 
 #: Components in report order, with the labels users know.
-LABELS: dict[str | None, str] = {"unet": "UNet", "text_encoder": "TE1", "text_encoder_2": "TE2", "vae": "VAE", None: "other"}
-
-#: The CLIP token and position embeddings that ``restore_embeddings`` copies (DESIGN.md §5).
-EMBEDDING_KEYS: tuple[str, ...] = (
-    PREFIXES["text_encoder"] + "text_model.embeddings.token_embedding.weight",
-    PREFIXES["text_encoder"] + "text_model.embeddings.position_embedding.weight",
-    PREFIXES["text_encoder_2"] + "token_embedding.weight",
-    PREFIXES["text_encoder_2"] + "positional_embedding",
-)
 
 #: Bytes of tensors the pipeline may hold at once (inputs + outputs + deltas), see stream.ordered_map.
 DEFAULT_INFLIGHT_BYTES = 192 << 20
@@ -517,9 +510,6 @@ def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) 
             workers=2 if recipe.workers is None else recipe.workers,
         )
         _check_free_space(plan)
-        from lokr_trainer.merge.metadata import build_metadata
-
-        plan.header_metadata = build_metadata(plan)
         return plan
     except BaseException:
         for s in bases:
@@ -539,8 +529,6 @@ def _check_free_space(plan: MergePlan) -> None:
         return
     need = plan.output_bytes + (1 << 20)
     if free < need:
-        from lokr_trainer.merge.report import fmt_bytes
-
         raise CheckpointError(
             plan.recipe.out, f"needs {fmt_bytes(need)} but only {fmt_bytes(free)} is free in {folder}",
             "free some space or write elsewhere",

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from lokr_trainer.merge.plan import EMBEDDING_KEYS, LABELS, ComponentCount, MergePlan, _few
+from lokr_trainer.merge.plan import ComponentCount, MergePlan, _few
 from lokr_trainer.merge.recipe import DTYPE_NAMES
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
+from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS
+from lokr_trainer.units import fmt_bytes
 
 
 def format_report(plan: MergePlan, *, peak: int | None = None) -> str:

@@ -50,6 +50,7 @@ from lokr_trainer.sdxl.keys import (
     is_vae_attention_weight,
     model_name_to_file_key,
 )
+from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS
 
 __all__ = [
     "DiffusersFolderSource",
@@ -173,8 +174,7 @@ class SafetensorsSource:
 
 # --------------------------------------------------------------------------- diffusers folders
 
-_FOLDERS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "vae": "vae"}
-_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
+_FOLDERS, _STEMS = DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS
 
 
 def _weight_files(sub: Path, stem: str) -> list[Path]:

@@ -35,24 +35,10 @@ import torch
 
 from lokr_trainer.errors import KeyMapError
 
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2", "vae")
+from lokr_trainer.sdxl import layout
 
-#: Single-file key prefix of each component.
-PREFIXES: dict[str, str] = {
-    "unet": "model.diffusion_model.",
-    "text_encoder": "conditioner.embedders.0.transformer.",
-    "text_encoder_2": "conditioner.embedders.1.model.",
-    "vae": "first_stage_model.",
-}
-
-#: Single-file keys that are not parameters of a diffusers/transformers module.
-#: They are carried through every load, save and merge verbatim.
-PASSTHROUGH_KEYS: frozenset[str] = frozenset(
-    {
-        PREFIXES["text_encoder"] + "text_model.embeddings.position_ids",
-        PREFIXES["text_encoder_2"] + "logit_scale",
-    }
-)
+# re-exported: older imports of these facts from sdxl.keys keep working (their home is sdxl.layout)
+COMPONENTS, PREFIXES, PASSTHROUGH_KEYS = layout.COMPONENTS, layout.PREFIXES, layout.PASSTHROUGH_KEYS
 
 
 def component_of(file_key: str) -> str | None:

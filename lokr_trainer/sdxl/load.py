@@ -30,6 +30,7 @@ from lokr_trainer.errors import (
 )
 from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl import configs
+from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS
 from lokr_trainer.sdxl.keys import (
     COMPONENTS,
     PASSTHROUGH_KEYS,
@@ -44,12 +45,6 @@ from lokr_trainer.sdxl.keys import (
 
 logger = logging.getLogger(__name__)
 
-DIFFUSERS_FOLDERS = {
-    "unet": "unet",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "vae": "vae",
-}
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""SDXL facts, written once: components, key prefixes, verbatim keys, embeddings, folder layout.
+
+Every module that needs one of these imports it from here (``sdxl.keys``,
+``sdxl.load``, the merge), so a fact cannot drift between two copies.  No
+torch or diffusers import: the merge reads these without loading any model.
+"""
+
+from __future__ import annotations
+
+#: The four networks of an SDXL checkpoint, as ``SDXLModels`` attributes (file order).
+COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+#: Short labels for reports and messages.
+LABELS: dict[str | None, str] = {"unet": "UNet", "text_encoder": "TE1", "text_encoder_2": "TE2", "vae": "VAE", None: "other"}
+
+#: Single-file key prefix of each component.
+PREFIXES: dict[str, str] = {
+    "unet": "model.diffusion_model.",
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+    "vae": "first_stage_model.",
+}
+
+#: Single-file keys that are not parameters of a diffusers/transformers module.
+#: They are carried through every load, save and merge verbatim.
+PASSTHROUGH_KEYS: frozenset[str] = frozenset(
+    {
+        PREFIXES["text_encoder"] + "text_model.embeddings.position_ids",
+        PREFIXES["text_encoder_2"] + "logit_scale",
+    }
+)
+
+#: The CLIP token and position embeddings that an embedding restore copies (DESIGN.md §5).
+EMBEDDING_KEYS: tuple[str, ...] = (
+    PREFIXES["text_encoder"] + "text_model.embeddings.token_embedding.weight",
+    PREFIXES["text_encoder"] + "text_model.embeddings.position_embedding.weight",
+    PREFIXES["text_encoder_2"] + "token_embedding.weight",
+    PREFIXES["text_encoder_2"] + "positional_embedding",
+)
+
+#: Diffusers pipeline folder: component → sub-folder, and the stem of its weight file(s).
+DIFFUSERS_FOLDERS: dict[str, str] = {c: c for c in COMPONENTS}
+DIFFUSERS_WEIGHT_STEMS: dict[str, str] = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
