@@ -37,7 +37,7 @@ import tomli_w
 from lokr_trainer.data.buckets import BucketConfig
 from lokr_trainer.data.tags import CaptionConfig
 from lokr_trainer.errors import ConfigError
-from lokr_trainer.lokr.names import COMPONENTS, KINDS
+from lokr_trainer.lokr.names import ADAPTER_COMPONENTS, KINDS
 from lokr_trainer.lokr.targets import FORWARD_MODES, PRESETS, TARGET_PRESETS, FactorRule, LoKrConfig
 
 if sys.version_info >= (3, 11):
@@ -331,7 +331,7 @@ RULES: dict[str, Rule] = {
     "model.path": Rule(required=True),
     "model.dtype": Rule(choices=DTYPES),
     "model.vae_dtype": Rule(choices=DTYPES),
-    "lokr.components": Rule(choices=COMPONENTS, scalar_ok=True),
+    "lokr.components": Rule(choices=ADAPTER_COMPONENTS, scalar_ok=True),
     "lokr.targets": Rule(choices=tuple(TARGET_PRESETS)),
     "lokr.include": Rule(scalar_ok=True),
     "lokr.exclude": Rule(scalar_ok=True),
@@ -339,7 +339,7 @@ RULES: dict[str, Rule] = {
     "lokr.preset": Rule(choices=tuple(PRESETS)),
     "lokr.rules.pattern": Rule(scalar_ok=True),
     "lokr.rules.kind": Rule(choices=KINDS, scalar_ok=True),
-    "lokr.rules.component": Rule(choices=COMPONENTS, scalar_ok=True),
+    "lokr.rules.component": Rule(choices=ADAPTER_COMPONENTS, scalar_ok=True),
     "lokr.rules.forward_mode": Rule(choices=FORWARD_MODES),
     "data.path": Rule(required=True, scalar_ok=True),
     "data.resolution": _POS,

@@ -6,7 +6,7 @@ import pytest
 
 from lokr_trainer.errors import KeyMapError
 from lokr_trainer.lokr.names import (
-    COMPONENTS,
+    ADAPTER_COMPONENTS,
     ModuleTable,
     lokr_name_to_sdxl_key,
     normalize_lokr_name,
@@ -42,7 +42,7 @@ def test_sdxl_table_is_exactly_every_unet_linear_and_conv_of_the_real_file():
 
 def test_sdxl_table_counts_per_component_and_kind():
     t = sdxl_module_table()
-    assert {c: len(t.component(c)) for c in COMPONENTS} == {"unet": 794, "te1": 72, "te2": 192}
+    assert {c: len(t.component(c)) for c in ADAPTER_COMPONENTS} == {"unet": 794, "te1": 72, "te2": 192}
     kinds = {}
     for e in t.entries:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
@@ -137,7 +137,7 @@ def test_underscore_split_is_unambiguous_for_every_table_name():
 def test_tiny_table_and_layout():
     t = _tiny_table()
     # 4 embedding linears, conv_in/out, 2 samplers, 12 resnets x 3 + 7 skips, 6 transformers x (2 proj + 2 blocks x 10)
-    assert {c: len(t.component(c)) for c in COMPONENTS} == {"unet": 183, "te1": 18, "te2": 18}
+    assert {c: len(t.component(c)) for c in ADAPTER_COMPONENTS} == {"unet": 183, "te1": 18, "te2": 18}
     unet = t.component("unet")
     # depth 2 at level 1: input 4, 5 and output 0, 1, 2 hold 2 blocks; output_blocks 2 has the upsampler at .2
     assert any(e.path == "output_blocks.2.2.conv" for e in unet)

@@ -39,7 +39,7 @@ from lokr_trainer.lokr.io import (
     json_dumps,
     load_lokr,
 )
-from lokr_trainer.lokr.names import COMPONENTS, MODEL_ATTR, ModuleEntry, ModuleTable, live_module_path
+from lokr_trainer.lokr.names import ADAPTER_COMPONENTS, MODEL_ATTR, ModuleEntry, ModuleTable, live_module_path
 from lokr_trainer.lokr.targets import LoKrConfig, ModuleSettings
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class LoKrNetwork(nn.Module):
         """
         rates = {"unet": unet_lr, "te1": te1_lr, "te2": te2_lr}
         groups = []
-        for comp in COMPONENTS:
+        for comp in ADAPTER_COMPONENTS:
             params = self.component_parameters(comp)
             if not params:
                 continue

@@ -39,8 +39,8 @@ from lokr_trainer.sdxl.keys import (
     unet_ldm_to_diffusers,
 )
 
-#: Our component short names, in file order.
-COMPONENTS: tuple[str, ...] = ("unet", "te1", "te2")
+#: The adapter's component groups, in file order (not ``sdxl.layout.COMPONENTS``, the four networks).
+ADAPTER_COMPONENTS: tuple[str, ...] = ("unet", "te1", "te2")
 
 #: The ``SDXLModels`` attribute (and single-file component) of each of ours.
 MODEL_ATTR: dict[str, str] = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}

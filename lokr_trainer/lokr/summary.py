@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lokr_trainer.lokr.names import COMPONENTS
+from lokr_trainer.lokr.names import ADAPTER_COMPONENTS
 from lokr_trainer.safetensors_io import PlannedTensor, header_bytes, element_size
 
 
@@ -52,7 +52,7 @@ class LoKrSummary:
     def __str__(self) -> str:
         head = f"{'component':<10} {'factor':<10} {'modules':>8} {'parameters':>14} {'size':>11}"
         lines = [f"LoKr summary (file dtype {str(self.dtype).replace('torch.', '')})", head, "-" * len(head)]
-        for comp in COMPONENTS:
+        for comp in ADAPTER_COMPONENTS:
             rs = [r for r in self.rows if r.component == comp]
             if not rs:
                 continue
@@ -96,7 +96,7 @@ def summarize(network: Any, dtype: torch.dtype = torch.float16) -> LoKrSummary:
         g[0] += 1
         g[1] += params
         g[2] += nbytes
-    order = {c: i for i, c in enumerate(COMPONENTS)}
+    order = {c: i for i, c in enumerate(ADAPTER_COMPONENTS)}
 
     def key(item: tuple[tuple[str, str], list[int]]) -> tuple[int, int, str]:
         (comp, label), _ = item

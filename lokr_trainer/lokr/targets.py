@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from lokr_trainer.errors import ConfigError, KeyMapError
-from lokr_trainer.lokr.names import COMPONENTS, KINDS, ModuleEntry, ModuleTable, group_te_attention
+from lokr_trainer.lokr.names import ADAPTER_COMPONENTS, KINDS, ModuleEntry, ModuleTable, group_te_attention
 from lokr_trainer.sdxl.keys import unet_ldm_to_diffusers
 
 #: Forward implementations; all give the same outputs and gradients (see forward.py).
@@ -84,7 +84,7 @@ class FactorRule:
         bad = [k for k in self.kind if k not in KINDS]
         if bad:
             raise ConfigError(f"LoKr rule: unknown kind(s) {bad}; known kinds: {', '.join(KINDS)}")
-        bad = [c for c in self.component if c not in COMPONENTS]
+        bad = [c for c in self.component if c not in ADAPTER_COMPONENTS]
         if bad:
             raise ConfigError(f"LoKr rule: unknown component(s) {bad}; use unet, te1, te2")
         _check_settings(self, "LoKr rule")
@@ -142,7 +142,7 @@ class LoKrConfig:
     on attention + feed-forward of the UNet and both text encoders.
     """
 
-    components: tuple[str, ...] = COMPONENTS
+    components: tuple[str, ...] = ADAPTER_COMPONENTS
     targets: str = "attn-mlp"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -173,7 +173,7 @@ class LoKrConfig:
             object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
         rules = tuple(r if isinstance(r, FactorRule) else _rule_from_dict(r, i) for i, r in enumerate(self.rules))
         object.__setattr__(self, "rules", rules)
-        bad = [c for c in self.components if c not in COMPONENTS]
+        bad = [c for c in self.components if c not in ADAPTER_COMPONENTS]
         if bad or not self.components:
             raise ConfigError(f"lokr.components must be a non-empty subset of unet, te1, te2, got {list(self.components)}")
         if self.targets not in TARGET_PRESETS:
@@ -346,7 +346,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Kohaku XL Delta: full-matrix LoKr, factors 2-8 per module kind, UNet and
     # both TEs trained, fp16 file under 800 MB on SDXL (734.8 MB; docs/lokr.md).
     "kohaku-xl-delta": {
-        "components": COMPONENTS,
+        "components": ADAPTER_COMPONENTS,
         "targets": "full",
         "full_matrix": True,
         "factor": 8,  # ResNet convs, skips, samplers, time/size embeddings
