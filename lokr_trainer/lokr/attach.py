@@ -29,10 +29,9 @@ from torch import nn
 
 from lokr_trainer.errors import ConfigError, WrongModelError
 from lokr_trainer.quiet import quiet_bitsandbytes
+from lokr_trainer.sdxl.layout import MODELSPEC_IMPLEMENTATION, MODELSPEC_LORA_ARCHITECTURE, MODELSPEC_SPEC_VERSION
 from lokr_trainer.lokr import forward as fwd
 from lokr_trainer.lokr.io import (
-    MODELSPEC_ARCHITECTURE,
-    MODELSPEC_IMPLEMENTATION,
     SS_BASE_MODEL_VERSION,
     LoKrFile,
     LoKrModuleWeights,
@@ -323,8 +322,8 @@ class LoKrNetwork(nn.Module):
             "ss_network_alpha": str(c.alpha),
             "ss_base_model_version": SS_BASE_MODEL_VERSION,
             "ss_v2": "False",
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+            "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
+            "modelspec.architecture": MODELSPEC_LORA_ARCHITECTURE,
             "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
             "modelspec.title": "lokr_trainer LoKr",
             "modelspec.date": datetime.date.today().isoformat(),

@@ -75,8 +75,6 @@ def describe_non_lokr(keys: Iterable[str]) -> str | None:
     return None
 
 #: modelspec / ss values every SDXL LoRA-family file carries (research/lycoris.md §6).
-MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
-MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 SS_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lokr_trainer.merge.plan import MergePlan
-from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS
+from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS, MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, MODELSPEC_SPEC_VERSION
 from lokr_trainer.merge.recipe import DTYPE_NAMES
 
 #: modelspec keys worth keeping from the first base (they describe the architecture, not the file).
@@ -41,9 +41,9 @@ def build_metadata(plan: MergePlan, hashes: dict[Path, Any] | None = None) -> di
     recipe = plan.recipe
     first = plan.bases[0]
     meta: dict[str, str] = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.resolution": "1024x1024",
     }
     for k in _CARRIED_MODELSPEC:

@@ -46,3 +46,12 @@ DIFFUSERS_WEIGHT_STEMS: dict[str, str] = {
     "text_encoder": "model",
     "text_encoder_2": "model",
 }
+
+#: SAI model spec strings UIs recognise SDXL by (checkpoints; adapters append ``/lora``).
+MODELSPEC_SPEC_VERSION = "1.0.0"
+MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+MODELSPEC_LORA_ARCHITECTURE = MODELSPEC_ARCHITECTURE + "/lora"
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+#: File suffixes of pickle checkpoints (read only behind an explicit opt-in, with ``weights_only``).
+PICKLE_SUFFIXES: tuple[str, ...] = (".ckpt", ".pt", ".pth", ".bin")

@@ -30,7 +30,13 @@ from lokr_trainer.errors import (
 )
 from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl import configs
-from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS
+from lokr_trainer.sdxl.layout import (
+    DIFFUSERS_FOLDERS,
+    MODELSPEC_ARCHITECTURE,
+    MODELSPEC_IMPLEMENTATION,
+    MODELSPEC_SPEC_VERSION,
+    PICKLE_SUFFIXES,
+)
 from lokr_trainer.sdxl.keys import (
     COMPONENTS,
     PASSTHROUGH_KEYS,
@@ -217,7 +223,7 @@ class _SafetensorsSource:
 
 def _open_source(path: Path, allow_pickle: bool):
     suffix = path.suffix.lower()
-    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise UnsafeFormatError(
                 path,
@@ -457,9 +463,9 @@ def sdxl_metadata(title: str = "lokr_trainer checkpoint", extra: Mapping[str, st
     from lokr_trainer import __version__
 
     meta = {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": "1024x1024",
         "modelspec.date": datetime.date.today().isoformat(),

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lokr_trainer.sdxl import configs
+from lokr_trainer.sdxl.layout import MODELSPEC_ARCHITECTURE, MODELSPEC_IMPLEMENTATION, MODELSPEC_SPEC_VERSION
 from lokr_trainer.sdxl.load import (
     SDXLModels,
     _quiet_transformers,
@@ -21,9 +22,9 @@ from lokr_trainer.sdxl.load import (
 
 #: Fixed metadata so that the same seed gives the same bytes on any day.
 TINY_METADATA = {
-    "modelspec.sai_model_spec": "1.0.0",
-    "modelspec.architecture": "stable-diffusion-xl-v1-base",
-    "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+    "modelspec.sai_model_spec": MODELSPEC_SPEC_VERSION,
+    "modelspec.architecture": MODELSPEC_ARCHITECTURE,
+    "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
     "modelspec.title": "lokr_trainer tiny SDXL fixture",
     "modelspec.resolution": "64x64",
     "modelspec.date": "2024-01-01",
