@@ -27,10 +27,8 @@ import torch
 from lokr_trainer.errors import (
     CheckpointError,
     KeyMapError,
-    MissingComponentError,
     ShapeMismatchError,
     UnmatchedModuleError,
-    WrongModelError,
 )
 from lokr_trainer.merge.ops import cast_exact
 from lokr_trainer.units import fmt_bytes
@@ -38,7 +36,7 @@ from lokr_trainer.merge.recipe import DTYPE_NAMES, Recipe
 from lokr_trainer.merge.stream import TensorMeta, TensorSource, open_source
 from lokr_trainer.safetensors_io import element_size, read_header
 from lokr_trainer.sdxl.keys import Layouts, component_of
-from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS, PASSTHROUGH_KEYS, PREFIXES
+from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS, PASSTHROUGH_KEYS, PREFIXES, check_is_sdxl
 
 logger = logging.getLogger("lokr_trainer.merge")
 
@@ -194,18 +192,7 @@ def _few(names: Iterable[str], n: int = 5) -> str:
 
 
 def _check_sdxl(src: TensorSource) -> None:
-    keys = src.keys()
-    missing = [c for c, p in PREFIXES.items() if not any(k.startswith(p) for k in keys)]
-    if not missing:
-        return
-    if len(missing) == len(PREFIXES):
-        raise WrongModelError(
-            src.path, f"not an SDXL checkpoint (no {', '.join(PREFIXES.values())} keys; first keys: {_few(sorted(keys), 3)})"
-        )
-    raise MissingComponentError(
-        src.path, "SDXL components missing: " + ", ".join(f"{LABELS[c]} ({PREFIXES[c]}*)" for c in missing),
-        "the merge needs full SDXL checkpoints (UNet, both text encoders, VAE)",
-    )
+    check_is_sdxl(src.keys(), src.path)  # the same rule (and messages) as load_sdxl
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -7,6 +7,11 @@ torch or diffusers import: the merge reads these without loading any model.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterable
+
+from lokr_trainer.errors import MissingComponentError, WrongModelError
+
 #: The four networks of an SDXL checkpoint, as ``SDXLModels`` attributes (file order).
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2", "vae")
 
@@ -55,3 +60,27 @@ MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 #: File suffixes of pickle checkpoints (read only behind an explicit opt-in, with ``weights_only``).
 PICKLE_SUFFIXES: tuple[str, ...] = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_is_sdxl(keys: Iterable[str], path: Path | None) -> None:
+    """Raise a clear error for SD1.x/SD2.x/refiner/partial files given as SDXL base (keys only)."""
+    keys = list(keys)
+    has = {c: any(k.startswith(p) for k in keys) for c, p in PREFIXES.items()}
+    if all(has.values()):
+        return
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        raise WrongModelError(path, "not an SDXL checkpoint: this is Stable Diffusion 1.x (CLIP under cond_stage_model.transformer)")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise WrongModelError(path, "not an SDXL checkpoint: this is Stable Diffusion 2.x (OpenCLIP under cond_stage_model.model)")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not has["text_encoder"]:
+        raise WrongModelError(path, "this is an SDXL refiner checkpoint (one OpenCLIP encoder); lokr_trainer needs an SDXL base model")
+    if not any(has.values()):
+        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+        raise WrongModelError(path, f"not an SDXL checkpoint: no SDXL component found (first keys: {sample})",
+                              "expected a single-file SDXL checkpoint")
+    missing = [f"{LABELS[c]} ({PREFIXES[c]}*)" for c, ok in has.items() if not ok]
+    raise MissingComponentError(
+        path,
+        "SDXL components missing: " + ", ".join(missing),
+        "use a full SDXL checkpoint with UNet, both text encoders and the VAE",
+    )

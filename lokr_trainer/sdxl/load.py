@@ -26,7 +26,6 @@ from lokr_trainer.errors import (
     MissingComponentError,
     OutputWriteError,
     UnsafeFormatError,
-    WrongModelError,
 )
 from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_dtype, write_safetensors
 from lokr_trainer.sdxl import configs
@@ -36,6 +35,7 @@ from lokr_trainer.sdxl.layout import (
     MODELSPEC_IMPLEMENTATION,
     MODELSPEC_SPEC_VERSION,
     PICKLE_SUFFIXES,
+    check_is_sdxl,
 )
 from lokr_trainer.sdxl.keys import (
     COMPONENTS,
@@ -148,28 +148,6 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, 
 
 
 # --------------------------------------------------------------------------- model kind detection
-
-
-def check_is_sdxl(keys: list[str], path: Path | None) -> None:
-    """Raise a clear error for SD1.x/SD2.x/refiner/partial files given as SDXL base."""
-    has = {c: any(k.startswith(p) for k in keys) for c, p in PREFIXES.items()}
-    if all(has.values()):
-        return
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        raise WrongModelError(path, "this is a Stable Diffusion 1.x checkpoint (CLIP under cond_stage_model.transformer), not SDXL")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise WrongModelError(path, "this is a Stable Diffusion 2.x checkpoint (OpenCLIP under cond_stage_model.model), not SDXL")
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not has["text_encoder"]:
-        raise WrongModelError(path, "this is an SDXL refiner checkpoint (one OpenCLIP encoder); lokr_trainer needs an SDXL base model")
-    if not any(has.values()):
-        sample = ", ".join(sorted(keys)[:3]) or "no tensors"
-        raise WrongModelError(path, f"no SDXL component found (first keys: {sample})", "expected a single-file SDXL checkpoint")
-    missing = [f"{c} ({PREFIXES[c]}*)" for c, ok in has.items() if not ok]
-    raise MissingComponentError(
-        path,
-        "SDXL components missing: " + ", ".join(missing),
-        "use a full SDXL checkpoint with UNet, both text encoders and the VAE",
-    )
 
 
 # --------------------------------------------------------------------------- loading
