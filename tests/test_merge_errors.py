@@ -77,8 +77,8 @@ def test_weights_count_and_bad_values(base, out_dir):
 
 def test_not_sdxl(base, out_dir, tmp_path):
     sd15 = write_file(tmp_path / "sd15.safetensors", {"cond_stage_model.transformer.x": torch.zeros(2)})
-    with pytest.raises(WrongModelError, match="not an SDXL checkpoint"):
-        merge(out_dir / "o.safetensors", [sd15], progress=False)
+    with pytest.raises(WrongModelError, match="not an SDXL checkpoint: this is Stable Diffusion 1.x"):
+        merge(out_dir / "o.safetensors", [sd15], progress=False)  # the same rule and words as load_sdxl
     no_vae = write_file(tmp_path / "novae.safetensors", {k: v for k, v in base.tensors.items() if not k.startswith("first_stage")})
     with pytest.raises(CheckpointError, match=r"VAE \(first_stage_model"):
         merge(out_dir / "o.safetensors", [no_vae], progress=False)
