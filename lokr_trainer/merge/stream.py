@@ -50,7 +50,7 @@ from lokr_trainer.sdxl.keys import (
     is_vae_attention_weight,
     model_name_to_file_key,
 )
-from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS
+from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS, passthrough_defaults
 
 __all__ = [
     "DiffusersFolderSource",
@@ -285,12 +285,8 @@ class DiffusersFolderSource:
         except BaseException:
             self.close()
             raise
-        # Tensors a single file has but diffusers does not store (load.py writes the same defaults).
-        defaults = {
-            PREFIXES["text_encoder"] + "text_model.embeddings.position_ids": torch.arange(n_positions, dtype=torch.int64)[None],
-            PREFIXES["text_encoder_2"] + "logit_scale": torch.tensor(math.log(100.0), dtype=torch.float16),
-        }
-        for key, value in defaults.items():
+        # Tensors a single file has but diffusers does not store (the same defaults load.py writes).
+        for key, value in passthrough_defaults(n_positions).items():
             if key not in self._parts:
                 self._parts[key] = _Part(TensorMeta(key, value.dtype, tuple(value.shape)), (), "default", value)
         self.size_bytes = sum(h.file_size for h in self._headers)

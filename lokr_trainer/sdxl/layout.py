@@ -35,6 +35,22 @@ PASSTHROUGH_KEYS: frozenset[str] = frozenset(
     }
 )
 
+def passthrough_defaults(n_positions: int = 77) -> dict:
+    """The verbatim keys' values as a real SDXL file holds them, for sources that lack them (diffusers).
+
+    ``position_ids`` = arange(77) as int64 [1, 77]; bigG's learned temperature
+    ``logit_scale`` = ln(100) in fp16.  torch is imported here only.
+    """
+    import math
+
+    import torch
+
+    return {
+        PREFIXES["text_encoder"] + "text_model.embeddings.position_ids": torch.arange(n_positions, dtype=torch.int64)[None],
+        PREFIXES["text_encoder_2"] + "logit_scale": torch.tensor(math.log(100.0), dtype=torch.float16),
+    }
+
+
 #: The CLIP token and position embeddings that an embedding restore copies (DESIGN.md §5).
 EMBEDDING_KEYS: tuple[str, ...] = (
     PREFIXES["text_encoder"] + "text_model.embeddings.token_embedding.weight",

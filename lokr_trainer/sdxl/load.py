@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ from lokr_trainer.sdxl.layout import (
     MODELSPEC_SPEC_VERSION,
     PICKLE_SUFFIXES,
     check_is_sdxl,
+    passthrough_defaults,
 )
 from lokr_trainer.sdxl.keys import (
     COMPONENTS,
     PASSTHROUGH_KEYS,
-    PREFIXES,
     Layouts,
     canonical_name,
     component_of,
@@ -416,12 +415,7 @@ def _layouts_of(models: SDXLModels) -> Layouts:
 
 def _default_passthrough(models: SDXLModels) -> dict[str, torch.Tensor]:
     """position_ids and logit_scale as a real SDXL file has them, when the source lacked them."""
-    n = models.text_encoder.config.max_position_embeddings
-    return {
-        PREFIXES["text_encoder"] + "text_model.embeddings.position_ids": torch.arange(n, dtype=torch.int64)[None],
-        # open_clip's learned temperature in SDXL base: ln(100).
-        PREFIXES["text_encoder_2"] + "logit_scale": torch.tensor(math.log(100.0), dtype=torch.float16),
-    }
+    return passthrough_defaults(models.text_encoder.config.max_position_embeddings)
 
 
 def iter_single_file_tensors(models: SDXLModels) -> Iterator[tuple[str, torch.Tensor]]:
