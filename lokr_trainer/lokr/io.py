@@ -283,7 +283,8 @@ class LoKrFile:
         return write_lokr(path, {k: m.tensors for k, m in self.modules.items()}, self.metadata, dtype=dtype, overwrite=overwrite)
 
 
-def _group_tensors(keys: Iterable[str]) -> dict[str, list[str]]:
+def group_module_tensors(keys: Iterable[str]) -> dict[str, list[str]]:
+    """``module.tensor`` keys → module → its tensor names (the one grouping of LoKr file keys)."""
     groups: dict[str, list[str]] = {}
     for key in keys:
         module, _, tensor = key.rpartition(".")
@@ -315,7 +316,7 @@ def load_lokr(
     origin: dict[str, str] = {}
     with SafetensorsReader(path) as reader:
         metadata = dict(reader.header.metadata)
-        for raw_name, tensor_names in _group_tensors(reader.keys()).items():
+        for raw_name, tensor_names in group_module_tensors(reader.keys()).items():
             if not any(t in ("lokr_w1", "lokr_w1_a") for t in tensor_names):
                 foreign.append(raw_name)
                 continue

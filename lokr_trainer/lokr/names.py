@@ -301,6 +301,14 @@ _READ_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
+def adapter_component_of(name: str) -> str | None:
+    """``unet``/``te1``/``te2`` from a module name's prefix in any spelling we read, else None."""
+    for prefix, component in _READ_PREFIXES:
+        if name.startswith(prefix):
+            return component
+    return None
+
+
 def parse_lokr_name(
     name: str, layout: UNetLayout = SDXL_UNET_LAYOUT, table: ModuleTable | None = None
 ) -> tuple[str, str]:

@@ -243,18 +243,10 @@ def _module_table(src: TensorSource) -> tuple[Any, Any]:
     return table, layouts.unet
 
 
-def _lokr_component(raw_name: str) -> str | None:
-    for prefix, comp in (("lora_unet_", "unet"), ("lycoris_", "unet"), ("lora_te1_", "text_encoder"),
-                         ("lora_te2_", "text_encoder_2"), ("lora_te_", "text_encoder")):
-        if raw_name.startswith(prefix):
-            return comp
-    return None
-
-
 def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tuple[list[Any], list[LoKrCount], dict[str, list[Contribution]]]:
     """Load every LoKr file and map its modules onto base keys; refuse what does not fit."""
-    from lokr_trainer.lokr.io import describe_non_lokr, load_lokr
-    from lokr_trainer.lokr.names import lokr_name_to_sdxl_key, normalize_lokr_name
+    from lokr_trainer.lokr.io import describe_non_lokr, group_module_tensors, load_lokr
+    from lokr_trainer.lokr.names import MODEL_ATTR, adapter_component_of, lokr_name_to_sdxl_key, normalize_lokr_name
 
     table, layout = _module_table(base)
     files: list[Any] = []
@@ -270,12 +262,10 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
             raise CheckpointError(path, f"this file is {what}")
         count = LoKrCount()
         # 1. Names first (headers only): which modules does this base have?
-        groups: dict[str, set[str]] = {}
-        for key in header.tensors:
-            module, _, tensor = key.rpartition(".")
-            groups.setdefault(module or key, set()).add(tensor)
-        for raw, tensors in groups.items():
-            comp = _lokr_component(raw)
+        for raw, names in group_module_tensors(header.tensors).items():
+            tensors = set(names)
+            group = adapter_component_of(raw)
+            comp = MODEL_ATTR[group] if group is not None else None
             if not tensors & {"lokr_w1", "lokr_w1_a"}:
                 count.unmatched.setdefault(comp or "other", []).append(f"{raw} (not a LoKr module: {', '.join(sorted(tensors))})")
                 continue
