@@ -372,7 +372,8 @@ def _cleanup_on_termination() -> Iterator[None]:
             signal.signal(sig, prev)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (for telling a live writer's temp files from a dead one's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -391,7 +392,7 @@ def remove_stale_temps(path: Path) -> None:
         return
     for p in candidates:
         pid = p.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lokr_trainer.errors import CheckpointError, ConfigError
-from lokr_trainer.safetensors_io import SafetensorsReader, fsync_dir, save_tensors
+from lokr_trainer.safetensors_io import SafetensorsReader, fsync_dir, pid_alive, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def prune_states(root: str | Path, keep_last: int) -> None:
             pid = int(p.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if pid != os.getpid():  # a crashed save from another process
+        if pid != os.getpid() and not pid_alive(pid):  # a crashed save, by the rule the file writer uses
             shutil.rmtree(p, ignore_errors=True)
 
 
