@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from lokr_trainer.errors import ConfigError, DataError, TrainingError
+from lokr_trainer.lokr.io import json_dumps
 from lokr_trainer.safetensors_io import parse_dtype
 from lokr_trainer.train.batching import GlobalBatchPlan, Layout, MicroBatchSampler, WeightedSamples, collate_weighted
 from lokr_trainer.train.checkpoint import (
@@ -362,7 +362,7 @@ class Trainer:
             pin_memory=acc.device.type == "cuda",
         )
         metadata = {
-            "lokr_trainer.config": json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":")),
+            "lokr_trainer.config": json_dumps(cfg.to_dict()),
             "lokr_trainer.data_digest": digest,
             "lokr_trainer.base_model_sha256": base_hash,
             "lokr_trainer.global_batch": str(self.layout.global_batch),
