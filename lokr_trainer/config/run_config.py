@@ -91,6 +91,11 @@ class ModelConfig:
     dtype: str = _f("fp32", "Dtype of the frozen UNet and text encoders: fp32, fp16 or bf16 (adapters train in fp32).")
     vae_dtype: str = _f("fp32", "Dtype of the VAE: fp32, fp16 or bf16; keep fp32, SDXL's VAE overflows in fp16.")
     allow_pickle: bool = _f(False, "Allow pickle-based .ckpt/.bin files, which can run code when loaded (off).")
+    init_lokr: str = _f(
+        "",
+        "Start the adapters from this LoKr .safetensors file (e.g. a published one) instead of ΔW = 0; "
+        "its modules and factor shapes must match the [lokr] selection (empty = fresh adapters).",
+    )
 
 
 @dataclass(frozen=True)

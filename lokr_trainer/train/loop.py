@@ -149,6 +149,8 @@ class Trainer:
             for p in paths:
                 if not _source_exists(p):
                     raise ConfigError(f"{key}: {p} does not exist (a folder, a .jsonl manifest or a .tar shard pattern)")
+        if cfg.model.init_lokr and not Path(cfg.model.init_lokr).is_file():
+            raise ConfigError(f"model.init_lokr: {cfg.model.init_lokr} is not a file (a LoKr .safetensors file, or empty)")
         if cfg.data.cache_latents and cfg.data.crop != "center":
             raise ConfigError("data.cache_latents needs data.crop = 'center' (random crops change every epoch)")
         if cfg.data.cache_text:
@@ -280,6 +282,8 @@ class Trainer:
         base_hash = model_sha256(cfg.model.path, memo_dir=out / ".cache", progress=self.progress and self.is_main)
         identity = run_defining_dict(cfg, acc.num_processes)
         identity.update({"data.digest": digest, "model.sha256": base_hash, "train.total_steps": total_steps})
+        if cfg.model.init_lokr:  # the starting adapter decides the weights as much as the base does
+            identity["model.init_lokr_sha256"] = model_sha256(cfg.model.init_lokr, progress=False)
         start_step = 0
         if state is not None:
             check_resume_compatible(state["trainer"]["identity"], identity, state_path)
@@ -289,6 +293,8 @@ class Trainer:
         models = self._load_models()
         set_seed(tc.seed)  # lycoris initialises W1 from the global RNG: same seed, same initial adapter
         network = attach_lokr(models, cfg.lokr, dtype=torch.float32)
+        if cfg.model.init_lokr and state is None:  # a resumed state holds the adapter already
+            _init_from_file(network, cfg.model.init_lokr)
         frozen = freeze_unreachable_adapters(network, models.text_encoder)
         if frozen:
             logger.info("%d adapters of TE1's last layer get no gradient (SDXL uses its penultimate layer): "
@@ -691,6 +697,19 @@ def _forget_previous_accelerator(mixed_precision: str) -> None:
     current = shared.get("_mixed_precision", mixed_precision)
     if shared and str(getattr(current, "value", current)) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _init_from_file(network: Any, path: str) -> None:
+    """Load ``model.init_lokr`` into the freshly attached network; any mismatch is a one-line ConfigError."""
+    from lokr_trainer.errors import WrongModelError
+
+    try:
+        network.load_state(path, strict=True)
+    except WrongModelError as e:
+        raise ConfigError(
+            f"model.init_lokr: {path}: {e.problem} (the file must hold exactly the modules and factor shapes "
+            "the [lokr] table selects: match [lokr] to the file's settings)"
+        ) from None
 
 
 def _cast_like(loaded: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
