@@ -277,3 +277,61 @@ def test_a_nan_in_a_base_is_refused_even_when_copied_byte_for_byte(base, out_dir
     with pytest.raises(NonFiniteResultError, match=r"attn1\.to_q\.weight holds .*inf/nan values already in its input.*damaged"):
         merge(out_dir / "o.safetensors", [nan_base], dtype=dtype, progress=False)  # fp16 -> fp16 is a plain copy
     _nothing_written(out_dir)
+
+
+# ------------------------------------------------------------- a single base is checked against the reference
+
+def _damaged(base, how):
+    t = dict(base.tensors)
+    if how == "missing_bias":
+        del t[U + "out.2.bias"]
+    elif how == "int_weight":
+        t[TO_Q] = t[TO_Q].to(torch.int32)
+    elif how == "bias_misfit":
+        t[U + "out.2.bias"] = torch.zeros(t[U + "out.2.bias"].shape[0] + 1)
+    elif how == "unknown_key":
+        t[U + "input_blocks.4.1.transformer_blocks.0.attn1.to_z.weight"] = torch.zeros(2, 2)
+    return t
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("missing_bias", "out.2.bias"),
+    ("int_weight", "not floating point"),
+    ("bias_misfit", "does not fit"),
+    ("unknown_key", "to_z.weight"),
+])
+def test_a_single_damaged_base_is_refused_as_load_sdxl_refuses_it(base, out_dir, tmp_path, how, expect):
+    """A file load_sdxl rejects is never what the merge writes: the same damage stops both."""
+    from lokr_trainer.sdxl import load_sdxl
+
+    bad = write_file(tmp_path / f"{how}.safetensors", _damaged(base, how))
+    with pytest.raises(CorruptFileError) as e:
+        weighted_sum([bad], out_dir / "o.safetensors", progress=False)
+    assert str(bad) in str(e.value) and expect in str(e.value)
+    _nothing_written(out_dir)
+    with pytest.raises(CheckpointError):
+        load_sdxl(bad)
+
+
+def test_the_reference_check_at_full_size():
+    """At SDXL 1.0's size the key set and every shape must be the reference's (header only, no 7 GB file)."""
+    from lokr_trainer.sdxl.reference import check_base_tensors, sdxl_base_keys
+
+    ref = dict(sdxl_base_keys())
+    check_base_tensors(ref, "ok.safetensors")  # the reference itself
+    lenient = {k: v for k, v in ref.items() if not k.endswith(("position_ids", "logit_scale"))}
+    vae_q = "first_stage_model.encoder.mid.attn_1.q.weight"
+    lenient[vae_q] = (ref[vae_q][0][:2], ref[vae_q][1])  # 2-D VAE attention, as some converters write it
+    check_base_tensors(lenient, "ok.safetensors")
+
+    key = "model.diffusion_model.output_blocks.2.2.conv.weight"
+    assert key in ref
+    without = {k: v for k, v in ref.items() if k != key}
+    with pytest.raises(CorruptFileError, match=r"lacking 1 tensors: " + key.replace(".", r"\.")):
+        check_base_tensors(without, "a.safetensors")
+    reshaped = dict(ref)
+    reshaped[key] = ((1280, 1280, 1, 1), ref[key][1])
+    with pytest.raises(CorruptFileError, match=r"\[1280, 1280, 1, 1\] \(SDXL: \[1280, 1280, 3, 3\]\)"):
+        check_base_tensors(reshaped, "b.safetensors")
+    pid = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+    assert not ref[pid][1].is_floating_point  # an int64 position_ids is what SDXL holds, and passes above

@@ -36,6 +36,7 @@ from lokr_trainer.merge.recipe import DTYPE_NAMES, Recipe
 from lokr_trainer.merge.stream import TensorMeta, TensorSource, open_source
 from lokr_trainer.safetensors_io import element_size, read_header
 from lokr_trainer.sdxl.keys import Layouts, component_of
+from lokr_trainer.sdxl.reference import check_base_tensors
 from lokr_trainer.sdxl.layout import EMBEDDING_KEYS, LABELS, PASSTHROUGH_KEYS, PREFIXES, check_is_sdxl
 
 logger = logging.getLogger("lokr_trainer.merge")
@@ -193,6 +194,8 @@ def _few(names: Iterable[str], n: int = 5) -> str:
 
 def _check_sdxl(src: TensorSource) -> None:
     check_is_sdxl(src.keys(), src.path)  # the same rule (and messages) as load_sdxl
+    # key set, shapes and dtypes against the SDXL reference, so a single base is checked as strictly as several
+    check_base_tensors({k: (src.meta(k).shape, src.meta(k).dtype) for k in src.keys()}, src.path)
 
 
 def _same_file(a: Path, b: Path) -> bool:
