@@ -146,3 +146,25 @@ def test_metadata_modelspec_and_opt_in_hashes(inputs, tmp_path):
     }
     f = inputs.folder / "vae" / "diffusion_pytorch_model.safetensors"
     assert folder["sha256"]["vae/diffusion_pytorch_model.safetensors"] == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["sum+restore", "restore", "copy"])
+def test_the_key_accounting_adds_up(inputs, tmp_path, how):
+    """Every key is counted once, in summed, restored or copied; the report's rows say the same."""
+    out = tmp_path / f"{how}.safetensors"
+    if how == "sum+restore":
+        res = merge(out, [inputs.a, inputs.b], weights=[0.5, 0.5], restore_embeddings=inputs.ref16, progress=False)
+    elif how == "restore":
+        res = restore_embeddings(inputs.c, inputs.b, out, dtype="fp16", progress=False)
+    else:
+        res = merge(out, [inputs.c], dtype="fp16", progress=False)
+    got, _ = read_all(out)
+    assert sum(cc.keys for cc in res.components.values()) == len(got)
+    for comp, cc in res.components.items():
+        assert cc.summed + cc.restored + cc.copied == cc.keys, comp
+    assert sum(cc.restored for cc in res.components.values()) == (0 if how == "copy" else len(EMBEDDING_KEYS))
+    rows = [line.split() for line in res.report.splitlines() if line.split()[:1] in (["UNet"], ["TE1"], ["TE2"], ["VAE"], ["all"])]
+    assert rows[-1][0] == "all" and int(rows[-1][1]) == len(got)
+    for row in rows:
+        total, summed, restored, copied = map(int, row[1:5])
+        assert summed + restored + copied == total, row

@@ -98,9 +98,16 @@ class PlanItem:
 
 @dataclass
 class ComponentCount:
+    """Key accounting of one component: every key comes from exactly one of summed / restored / copied.
+
+    ``baked`` (a LoKr delta added), ``cast`` (a dtype change only) and
+    ``verbatim`` (written bit for bit) are counted within those three.
+    """
+
     keys: int = 0
     summed: int = 0
     restored: int = 0
+    copied: int = 0
     baked: int = 0
     cast: int = 0
     verbatim: int = 0
@@ -430,6 +437,7 @@ def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) 
                 if deltas:  # pragma: no cover - LoKr targets are weights of known components
                     raise CheckpointError(first.path, f"{k} cannot take a LoKr delta")
                 item = PlanItem(k, comp, m, "base", in_dtypes=(m.dtype,))
+                cc.copied += 1
             elif k in restore:
                 r = reference.meta(k)  # type: ignore[union-attr]
                 dtype = recipe.dtype if (deltas or cast_exact(r.dtype, recipe.dtype)) else r.dtype
@@ -445,6 +453,7 @@ def plan_merge(recipe: Recipe, *, inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) 
                 cc.summed += 1
             else:
                 item = PlanItem(k, comp, TensorMeta(k, recipe.dtype, m.shape), "base", deltas=deltas, in_dtypes=(m.dtype,))
+                cc.copied += 1
                 if not deltas and m.dtype != recipe.dtype:
                     cc.cast += 1
                     name = str(m.dtype).replace("torch.", "")

@@ -29,18 +29,15 @@ def format_report(plan: MergePlan, *, peak: int | None = None) -> str:
     )
     lines.append("operations: " + (" -> ".join(plan.operations) or f"none (copy, cast to {DTYPE_NAMES[r.dtype]})"))
     lines.append("")
-    head = f"{'keys':<8}{'total':>7}{'summed':>8}{'restored':>10}{'baked':>7}{'cast':>6}{'verbatim':>10}"
-    lines.append(head)
+    cols = ("summed", "restored", "copied", "baked", "cast", "verbatim")
+    lines.append("keys: total = summed + restored + copied; baked, cast and verbatim (bit for bit) are among those")
+    lines.append(f"{'':<8}{'total':>7}" + "".join(f"{c:>10}" for c in cols))
     tot = ComponentCount()
     for comp, cc in plan.components.items():
-        lines.append(
-            f"{LABELS[comp]:<8}{cc.keys:>7}{cc.summed:>8}{cc.restored:>10}{cc.baked:>7}{cc.cast:>6}{cc.verbatim:>10}"
-        )
+        lines.append(f"{LABELS[comp]:<8}{cc.keys:>7}" + "".join(f"{getattr(cc, c):>10}" for c in cols))
         for f in vars(tot):
             setattr(tot, f, getattr(tot, f) + getattr(cc, f))
-    lines.append(
-        f"{'all':<8}{tot.keys:>7}{tot.summed:>8}{tot.restored:>10}{tot.baked:>7}{tot.cast:>6}{tot.verbatim:>10}"
-    )
+    lines.append(f"{'all':<8}{tot.keys:>7}" + "".join(f"{getattr(tot, c):>10}" for c in cols))
     if r.lokrs:
         lines.append("")
         lines.append(f"{'LoKr modules':<40}{'UNet':>7}{'TE1':>7}{'TE2':>7}{'unmatched':>11}")
