@@ -335,3 +335,29 @@ def test_the_reference_check_at_full_size():
         check_base_tensors(reshaped, "b.safetensors")
     pid = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
     assert not ref[pid][1].is_floating_point  # an int64 position_ids is what SDXL holds, and passes above
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_lokr_for_another_model_size_says_so_in_one_run(base, out_dir, tmp_path, skip):
+    """Modules the base lacks *and* modules that do not fit: the size is named first, with or without skipping."""
+    g = torch.Generator().manual_seed(0)
+    lokr = write_lokr_file(tmp_path / "big.safetensors", {
+        # full-size widths on layers the tiny base has ...
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": lokr_module((640, 640), g),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": lokr_module((3072, 768), g),  # SD1.x-style TE name
+        # ... and layers it lacks
+        "lora_unet_input_blocks_4_1_transformer_blocks_7_attn1_to_q": lokr_module((640, 640), g),
+    })
+    with pytest.raises(ShapeMismatchError) as e:
+        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", skip_unmatched=skip, progress=False)
+    msg = str(e.value)
+    assert "for another model size: 2 of its 3 modules do not fit" in msg and "1 more have no layer" in msg
+    _nothing_written(out_dir)
+
+
+def test_messages_quote_a_module_as_the_file_spells_it(base, out_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lokr = write_lokr_file(tmp_path / "sd1.safetensors", {"lora_te_text_model_encoder_layers_0_mlp_fc1": lokr_module((32, 32), g)})
+    with pytest.raises(ShapeMismatchError) as e:
+        bake_lokr(base.path, [lokr], out_dir / "o.safetensors", progress=False)
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1 (read as lora_te1_text_model_encoder_layers_0_mlp_fc1)" in str(e.value)

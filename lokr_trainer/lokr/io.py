@@ -87,6 +87,16 @@ class LoKrModuleWeights:
 
     name: str
     tensors: dict[str, torch.Tensor]
+    #: The module's name as the file spells it, when that differs from ``name``
+    #: (an SD1.x-style ``lora_te_`` or a diffusers-path name): messages quote the file.
+    stored_name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name for messages: the file's spelling first, then ours."""
+        if self.stored_name and self.stored_name != self.name:
+            return f"{self.stored_name} (read as {self.name})"
+        return self.name
 
     # -- structure -------------------------------------------------------------------
 
@@ -172,7 +182,7 @@ class LoKrModuleWeights:
         weight_shape = tuple(int(s) for s in weight_shape)
         if not self.fits(weight_shape):
             raise ShapeMismatchError(
-                f"LoKr module {self.name}: factors give a {self.kron_shape()} delta, "
+                f"LoKr module {self.label}: factors give a {self.kron_shape()} delta, "
                 f"which does not fit the weight {list(weight_shape)}"
             )
         w1, w2 = self.w1(), self.w2()
@@ -219,7 +229,7 @@ class LoKrModuleWeights:
         t = self.tensors
 
         def bad(problem: str) -> CorruptFileError:
-            return CorruptFileError(where, f"LoKr module {self.name}: {problem}")
+            return CorruptFileError(where, f"LoKr module {self.label}: {problem}")
 
         unknown = sorted(set(t) - _KNOWN)
         if unknown:
@@ -300,6 +310,7 @@ def load_lokr(
     layout: UNetLayout = SDXL_UNET_LAYOUT,
     table: ModuleTable | None = None,
     skip_unknown: bool = False,
+    warn_skipped: bool = True,
 ) -> LoKrFile:
     """Read a LoKr ``.safetensors`` written by us, LyCORIS, kohya or another trainer.
 
@@ -328,7 +339,7 @@ def load_lokr(
             if name in modules:
                 raise CorruptFileError(path, f"modules {origin[name]!r} and {raw_name!r} are the same module {name}")
             tensors = {t: reader.get(f"{raw_name}.{t}") for t in tensor_names}
-            module = LoKrModuleWeights(name, tensors)
+            module = LoKrModuleWeights(name, tensors, stored_name=raw_name)
             module.validate(path)
             modules[name] = module
             origin[name] = raw_name
@@ -347,7 +358,8 @@ def load_lokr(
     if problems:
         if not skip_unknown:
             raise CorruptFileError(path, msg, "pass skip_unknown=True to load the rest and skip these")
-        logger.warning("%s: skipping %s", path, msg)
+        if warn_skipped:  # the merge lists them in its own report instead
+            logger.warning("%s: skipping %s", path, msg)
     skipped = [f"{n} (not a LoKr module)" for n in sorted(foreign)] + sorted(unknown)
     return LoKrFile(path=path, modules=modules, metadata=metadata, skipped=skipped)
 

@@ -284,55 +284,69 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
             except KeyMapError as e:
                 count.unmatched.setdefault(comp or "other", []).append(f"{raw} ({e})")
         n_unmatched = sum(len(v) for v in count.unmatched.values())
-        if n_unmatched:
+        n_named = len(group_module_tensors(header.tensors))
+
+        def unmatched_error(n: int) -> UnmatchedModuleError:
             per = "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
-            if not recipe.skip_unmatched:
-                raise UnmatchedModuleError(
-                    f"{path}: {n_unmatched} LoKr modules have no layer in base {base.path}: {per} "
-                    "(is the adapter for another model? --skip-unmatched skips them with a warning)"
-                )
-            warnings.append(f"{path.name}: skipping {n_unmatched} modules the base lacks: {per}")
-        # 2. Tensors (small) through the LoKr reader.
-        lf = load_lokr(path, layout=layout, table=table, skip_unknown=recipe.skip_unmatched)
+            return UnmatchedModuleError(
+                f"{path}: {n} LoKr modules have no layer in base {base.path}: {per} "
+                "(is the adapter for another model? --skip-unmatched skips them with a warning)"
+            )
+
+        if n_unmatched == n_named:
+            raise unmatched_error(n_unmatched)
+        # 2. Tensors (small) through the LoKr reader; names it cannot place were listed above.
+        lf = load_lokr(path, layout=layout, table=table, skip_unknown=True, warn_skipped=False)
         files.append(lf)
         base_ver = lf.metadata.get("ss_base_model_version", "")
         if base_ver and not base_ver.startswith("sdxl"):
             warnings.append(f"{path.name}: metadata says ss_base_model_version={base_ver!r}, not SDXL")
+        # 3. Shapes of every placed module, all checked before anything is refused, so an adapter
+        #    for another model size says so in one run (not "unmatched" first, "misfit" after a rerun).
         seen: dict[tuple[str, int | None], str] = {}
+        misfits: list[str] = []
         for name, module in lf.modules.items():
             key, qkv = lokr_name_to_sdxl_key(name, layout, table)
             comp = component_of(key)
             try:
                 meta = base.meta(key)
             except KeyError:
-                msg = f"{name} (no tensor {key} in the base)"
-                if not recipe.skip_unmatched:
-                    raise UnmatchedModuleError(f"{path}: LoKr module {msg}; --skip-unmatched skips it with a warning") from None
-                count.unmatched.setdefault(comp or "other", []).append(msg)
-                warnings.append(f"{path.name}: skipping {msg}")
+                count.unmatched.setdefault(comp or "other", []).append(f"{module.label} (no tensor {key} in the base)")
                 continue
             if (key, qkv) in seen:
-                raise CheckpointError(path, f"modules {seen[(key, qkv)]} and {name} both modify {key}")
-            seen[(key, qkv)] = name
+                raise CheckpointError(path, f"modules {seen[(key, qkv)]} and {module.label} both modify {key}")
+            seen[(key, qkv)] = module.label
             shape = meta.shape
             offset = 0
             if qkv is not None:
                 if len(shape) != 2 or shape[0] % 3:
-                    raise ShapeMismatchError(f"{path}: module {name}: {key} {list(shape)} is not a stacked q/k/v weight")
+                    raise ShapeMismatchError(f"{path}: module {module.label}: {key} {list(shape)} is not a stacked q/k/v weight")
                 rows = shape[0] // 3
                 offset = qkv * rows * shape[1]
                 shape = (rows, shape[1])
             if not meta.dtype.is_floating_point or not module.fits(shape):
                 got = module.kron_shape()
-                raise ShapeMismatchError(
-                    f"{path}: LoKr module {name} gives a {got[0]}x{got[1]} delta (rows x columns·kernel), "
-                    f"which does not fit {key}{' q/k/v part ' + str(qkv) if qkv is not None else ''} {list(shape)} "
-                    f"{meta.dtype} of {base.path} (adapter trained for another model?)"
+                misfits.append(
+                    f"{module.label} gives a {got[0]}x{got[1]} delta (rows x columns·kernel) for "
+                    f"{key}{' q/k/v part ' + str(qkv) if qkv is not None else ''} {list(shape)} {meta.dtype}"
                 )
+                continue
             c = Contribution(li, module, spec.multiplier, tuple(shape), offset, qkv)
             by_key.setdefault(key, []).append(c)
             count.applied[comp] = count.applied.get(comp, 0) + 1
             count.modules += 1
+        n_unmatched = sum(len(v) for v in count.unmatched.values())
+        if misfits:
+            lacking = f"; {n_unmatched} more have no layer in it" if n_unmatched else ""
+            raise ShapeMismatchError(
+                f"{path}: this LoKr is for another model size: {len(misfits)} of its {n_named} modules do not fit "
+                f"base {base.path}{lacking} (first: {misfits[0]})"
+            )
+        if n_unmatched:
+            if not recipe.skip_unmatched:
+                raise unmatched_error(n_unmatched)
+            per = "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
+            warnings.append(f"{path.name}: skipping {n_unmatched} modules the base lacks: {per}")
         count.resident_bytes = sum(
             t.numel() * t.element_size() for m in lf.modules.values() for t in m.tensors.values()
         )
