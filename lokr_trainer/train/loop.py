@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from lokr_trainer.data.records import SampleRecord
+from lokr_trainer.data.tags import Captioner
 from lokr_trainer.errors import ConfigError, DataError, TrainingError
 from lokr_trainer.lokr.io import json_dumps
 from lokr_trainer.safetensors_io import parse_dtype
@@ -59,10 +62,39 @@ class TrainerHooks:
     ``loss(step, micro_step, loss) -> loss`` may replace a micro-batch loss
     (tests inject NaN with it); ``after_step(trainer, step)`` runs after every
     optimizer step on every rank.
+
+    ``caption(caption, record, rng) -> str`` is a custom caption processor:
+    it gets each sample's caption *after* the built-in ``[caption]`` processing
+    (Kohaku tags, shuffle, dropouts), its :class:`~lokr_trainer.data.SampleRecord`
+    and a numpy ``Generator`` seeded from (seed, epoch, index) on its own stream,
+    and returns the caption to train on (training and validation captions).
+    Draw randomness only from ``rng`` and the run stays reproducible and
+    independent of workers and ranks.  Not with ``data.cache_text`` (cached
+    captions would skip it); a resume trusts it to be the same function.
     """
 
     loss: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
     after_step: Callable[["Trainer", int], None] | None = None
+    caption: Callable[[str, SampleRecord, np.random.Generator], str] | None = None
+
+
+#: numpy stream of the caption hook's per-sample generator (the built-in captions use CAPTION_STREAM)
+CAPTION_HOOK_STREAM = 0xCA7
+
+
+class HookedCaptioner(Captioner):
+    """The built-in captioner followed by :attr:`TrainerHooks.caption` (picklable for DataLoader workers)."""
+
+    def __init__(self, records: Any, cfg: Any, seed: int, fn: Callable[[str, SampleRecord, np.random.Generator], str]) -> None:
+        super().__init__(records, cfg, seed=seed)
+        self.fn = fn
+
+    def __call__(self, record: SampleRecord, epoch: int = 0, index: int = 0) -> str:
+        caption = super().__call__(record, epoch, index)
+        out = self.fn(caption, record, np.random.default_rng([int(self.seed), int(epoch), int(index), CAPTION_HOOK_STREAM]))
+        if not isinstance(out, str):
+            raise TrainingError(f"TrainerHooks.caption returned {type(out).__name__} for {record.key}; it must return a str")
+        return out
 
 
 @dataclass
@@ -153,6 +185,9 @@ class Trainer:
             raise ConfigError(f"model.init_lokr: {cfg.model.init_lokr} is not a file (a LoKr .safetensors file, or empty)")
         if cfg.data.cache_latents and cfg.data.crop != "center":
             raise ConfigError("data.cache_latents needs data.crop = 'center' (random crops change every epoch)")
+        if cfg.data.cache_text and self.hooks.caption is not None:
+            raise ConfigError("data.cache_text cannot be used with a TrainerHooks.caption processor "
+                              "(cached captions would skip it): set data.cache_text = false")
         if cfg.data.cache_text:
             from lokr_trainer.train.encode import check_te_cache_allowed
 
@@ -211,10 +246,13 @@ class Trainer:
         return index_records(records, buckets, skip_log=skip_log, progress=self.progress and self.is_main)
 
     def _dataset(self, index: Any, caption_cfg: Any) -> Any:
-        from lokr_trainer.data import BucketDataset, Captioner, ImageConfig
+        from lokr_trainer.data import BucketDataset, ImageConfig
 
         d = self.cfg.data
-        captioner = Captioner(index.records, caption_cfg, seed=self.cfg.train.seed)
+        if self.hooks.caption is not None:
+            captioner = HookedCaptioner(index.records, caption_cfg, self.cfg.train.seed, self.hooks.caption)
+        else:
+            captioner = Captioner(index.records, caption_cfg, seed=self.cfg.train.seed)
         return BucketDataset(index, captioner, ImageConfig(crop=d.crop, flip_prob=d.flip_prob), seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------------ model
