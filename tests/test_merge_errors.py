@@ -361,3 +361,69 @@ def test_messages_quote_a_module_as_the_file_spells_it(base, out_dir, tmp_path):
     with pytest.raises(ShapeMismatchError) as e:
         bake_lokr(base.path, [lokr], out_dir / "o.safetensors", progress=False)
     assert "lora_te_text_model_encoder_layers_0_mlp_fc1 (read as lora_te1_text_model_encoder_layers_0_mlp_fc1)" in str(e.value)
+
+
+# ------------------------------------------------------------- damaged diffusers folders: the merge and load_sdxl agree
+
+def _shard_unet(folder):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    unet = folder / "unet"
+    t = load_file(unet / "diffusion_pytorch_model.safetensors")
+    keys = sorted(t)
+    names = [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
+    for name, part in zip(names, halves):
+        save_file({k: t[k] for k in part}, unet / name)
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    weight_map = {k: names[i] for i, part in enumerate(halves) for k in part}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return unet
+
+
+@pytest.mark.parametrize("damage,error,expect", [
+    ("missing_shard", "MissingComponentError", "shard(s) that are missing: diffusion_pytorch_model-00002-of-00002"),
+    ("index_not_a_table", "CorruptFileError", "weight_map is empty or not a table"),
+    ("index_not_json", "CorruptFileError", "not a safetensors index"),
+    ("config_a_list", "CorruptFileError", "holds a JSON list, not a config object"),
+])
+def test_a_damaged_diffusers_folder_gets_the_same_message_from_merge_and_load(tiny_sdxl, tmp_path, out_dir, damage, error, expect):
+    import shutil
+
+    from lokr_trainer.sdxl import load_sdxl
+
+    folder = tmp_path / "d"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    unet = _shard_unet(folder)
+    weighted_sum([folder], out_dir / "sharded_ok.safetensors", progress=False)  # the sharded folder itself is fine
+    (out_dir / "sharded_ok.safetensors").unlink()
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    if damage == "missing_shard":
+        (unet / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    elif damage == "index_not_a_table":
+        index.write_text('{"weight_map": 5}')
+    elif damage == "index_not_json":
+        index.write_text('{"weight_map": ')
+    else:
+        (unet / "config.json").write_text("[1, 2]")
+    for run in (lambda: weighted_sum([folder], out_dir / "o.safetensors", progress=False), lambda: load_sdxl(folder)):
+        with pytest.raises(CheckpointError) as e:
+            run()
+        assert type(e.value).__name__ == error and expect in str(e.value) and str(unet) in str(e.value)
+    _nothing_written(out_dir)
+
+
+def test_unusable_config_values_are_an_error_not_a_traceback(tiny_sdxl, tmp_path, out_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "d"
+    shutil.copytree(tiny_sdxl.diffusers_dir, folder)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    del cfg["down_block_types"]  # what the merge reads the UNet's layout from
+    (folder / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptFileError, match="config.json is unusable"):
+        weighted_sum([folder], out_dir / "o.safetensors", progress=False)
+    _nothing_written(out_dir)

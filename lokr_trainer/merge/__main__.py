@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -98,12 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
-    print(result.report)
-    if result.dry_run:
-        print("dry run: nothing written")
-    else:
-        s = result.stats
-        print(f"wrote {result.out} ({fmt_bytes(s.bytes_written)}, {s.tensors} tensors) in {s.seconds:.1f} s")
+    try:
+        print(result.report)
+        if result.dry_run:
+            print("dry run: nothing written")
+        else:
+            s = result.stats
+            print(f"wrote {result.out} ({fmt_bytes(s.bytes_written)}, {s.tensors} tensors) in {s.seconds:.1f} s")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the merge is done; the reader just stopped listening
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import math
 import mmap
 import os
@@ -31,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Ty
 
 import torch
 
-from lokr_trainer.errors import CheckpointError, CorruptFileError, KeyMapError, MissingComponentError
+from lokr_trainer.errors import CheckpointError, CorruptFileError, KeyMapError
 from lokr_trainer.safetensors_io import (
     PlannedTensor,
     SafetensorsHeader,
@@ -50,7 +49,13 @@ from lokr_trainer.sdxl.keys import (
     is_vae_attention_weight,
     model_name_to_file_key,
 )
-from lokr_trainer.sdxl.layout import DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS, passthrough_defaults
+from lokr_trainer.sdxl.layout import (
+    DIFFUSERS_FOLDERS,
+    DIFFUSERS_WEIGHT_STEMS,
+    diffusers_weight_files,
+    passthrough_defaults,
+    read_component_config,
+)
 
 __all__ = [
     "DiffusersFolderSource",
@@ -177,59 +182,17 @@ class SafetensorsSource:
 _FOLDERS, _STEMS = DIFFUSERS_FOLDERS, DIFFUSERS_WEIGHT_STEMS
 
 
-def _weight_files(sub: Path, stem: str) -> list[Path]:
-    """The safetensors files of one diffusers component (plain, sharded or one variant)."""
-    if not sub.is_dir():
-        raise MissingComponentError(sub, "folder missing", "expected an SDXL diffusers folder with unet/, text_encoder/, text_encoder_2/, vae/")
-    plain = sub / f"{stem}.safetensors"
-    if plain.is_file():
-        return [plain]
-    index = sub / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptFileError(index, f"not a safetensors index ({e})") from None
-        files = []
-        root = sub.resolve()
-        for name in dict.fromkeys(weight_map.values() if isinstance(weight_map, dict) else ()):
-            target = (sub / str(name)).resolve()
-            if not isinstance(name, str) or root not in target.parents:
-                raise CorruptFileError(index, f"weight_map points outside its folder ({name!r}); refusing to read it")
-            files.append(sub / name)
-        if not files:
-            raise CorruptFileError(index, "weight_map is empty or not a table")
-        return files
-    variants = sorted(p for p in sub.glob(f"{stem}.*.safetensors") if ".index." not in p.name)
-    if len(variants) == 1:
-        return variants
-    if variants:
-        raise CheckpointError(
-            sub, f"several weight variants ({', '.join(p.name for p in variants)}) and no plain {stem}.safetensors",
-            "give a folder with one variant, or convert it to a single file first",
-        )
-    if any(sub.glob("*.bin")):
-        raise CheckpointError(sub, "holds only pickle (.bin) weights", "the merge reads safetensors only; convert the folder first")
-    raise MissingComponentError(sub, f"no {stem}.safetensors weights")
-
-
-def _read_config(sub: Path) -> dict:
-    cfg = sub / "config.json"
-    if not cfg.is_file():
-        raise MissingComponentError(cfg, "file missing", "a diffusers component needs its config.json")
-    try:
-        return json.loads(cfg.read_text())
-    except ValueError as e:
-        raise CorruptFileError(cfg, f"not valid JSON ({e})") from None
-
-
 def _folder_layouts(folder: Path) -> tuple[Layouts, int]:
-    ucfg = _read_config(folder / "unet")
-    vcfg = _read_config(folder / "vae")
-    tcfg = _read_config(folder / "text_encoder")
-    unet = UNetLayout.from_diffusers_config(ucfg)
-    vae = VAELayout(len(vcfg.get("block_out_channels", [0, 0, 0, 0])))
-    return Layouts(unet=unet, vae=vae), int(tcfg.get("max_position_embeddings", 77))
+    ucfg = read_component_config(folder / "unet")
+    vcfg = read_component_config(folder / "vae")
+    tcfg = read_component_config(folder / "text_encoder")
+    try:
+        unet = UNetLayout.from_diffusers_config(ucfg)
+        vae = VAELayout(len(vcfg.get("block_out_channels", [0, 0, 0, 0])))
+        return Layouts(unet=unet, vae=vae), int(tcfg.get("max_position_embeddings", 77))
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise CorruptFileError(folder, f"a component config.json is unusable ({type(e).__name__}: {e})",
+                               "the diffusers folder is damaged; re-export it") from None
 
 
 @dataclass(frozen=True)
@@ -261,7 +224,7 @@ class DiffusersFolderSource:
         qkv: dict[str, list[tuple[int, str, TensorInfo] | None]] = {}
         try:
             for comp, subname in _FOLDERS.items():
-                for file in _weight_files(self.path / subname, _STEMS[comp]):
+                for file in diffusers_weight_files(self.path / subname, _STEMS[comp]):
                     fi = len(self._headers)
                     header = read_header(file)
                     self._headers.append(header)

@@ -7,10 +7,11 @@ torch or diffusers import: the merge reads these without loading any model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
-from lokr_trainer.errors import MissingComponentError, WrongModelError
+from lokr_trainer.errors import CheckpointError, CorruptFileError, MissingComponentError, WrongModelError
 
 #: The four networks of an SDXL checkpoint, as ``SDXLModels`` attributes (file order).
 COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -67,6 +68,62 @@ DIFFUSERS_WEIGHT_STEMS: dict[str, str] = {
     "text_encoder": "model",
     "text_encoder_2": "model",
 }
+
+
+def diffusers_weight_files(sub: Path, stem: str) -> list[Path]:
+    """The safetensors files of one diffusers component (plain, sharded or one variant)."""
+    if not sub.is_dir():
+        raise MissingComponentError(sub, "folder missing", "expected an SDXL diffusers folder with unet/, text_encoder/, text_encoder_2/, vae/")
+    plain = sub / f"{stem}.safetensors"
+    if plain.is_file():
+        return [plain]
+    index = sub / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(index, f"not a safetensors index ({e})") from None
+        files = []
+        root = sub.resolve()
+        for name in dict.fromkeys(weight_map.values() if isinstance(weight_map, dict) else ()):
+            target = (sub / str(name)).resolve()
+            if not isinstance(name, str) or root not in target.parents:
+                raise CorruptFileError(index, f"weight_map points outside its folder ({name!r}); refusing to read it")
+            files.append(sub / name)
+        if not files:
+            raise CorruptFileError(index, "weight_map is empty or not a table")
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise MissingComponentError(
+                index, f"names {len(missing)} shard(s) that are missing: {', '.join(missing[:3])}",
+                "copy the missing shard files into the folder",
+            )
+        return files
+    variants = sorted(p for p in sub.glob(f"{stem}.*.safetensors") if ".index." not in p.name)
+    if len(variants) == 1:
+        return variants
+    if variants:
+        raise CheckpointError(
+            sub, f"several weight variants ({', '.join(p.name for p in variants)}) and no plain {stem}.safetensors",
+            "give a folder with one variant, or convert it to a single file first",
+        )
+    if any(sub.glob("*.bin")):
+        raise CheckpointError(sub, "holds only pickle (.bin) weights", "the merge reads safetensors only; convert the folder first")
+    raise MissingComponentError(sub, f"no {stem}.safetensors weights")
+
+
+def read_component_config(sub: Path) -> dict:
+    cfg = sub / "config.json"
+    if not cfg.is_file():
+        raise MissingComponentError(cfg, "file missing", "a diffusers component needs its config.json")
+    try:
+        data = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFileError(cfg, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(cfg, f"holds a JSON {type(data).__name__}, not a config object")
+    return data
+
 
 #: SAI model spec strings UIs recognise SDXL by (checkpoints; adapters append ``/lora``).
 MODELSPEC_SPEC_VERSION = "1.0.0"

@@ -30,6 +30,9 @@ from lokr_trainer.safetensors_io import PlannedTensor, SafetensorsReader, parse_
 from lokr_trainer.sdxl import configs
 from lokr_trainer.sdxl.layout import (
     DIFFUSERS_FOLDERS,
+    DIFFUSERS_WEIGHT_STEMS,
+    diffusers_weight_files,
+    read_component_config,
     MODELSPEC_ARCHITECTURE,
     MODELSPEC_IMPLEMENTATION,
     MODELSPEC_SPEC_VERSION,
@@ -347,6 +350,10 @@ def load_diffusers_folder(
             )
         if not has_st and not has_pickle:
             raise MissingComponentError(folder / sub, "has no weight file")
+    for comp, sub in DIFFUSERS_FOLDERS.items():  # the merge's own checks: config, index, shards present
+        read_component_config(folder / sub)
+        if any((folder / sub).glob("*.safetensors")):
+            diffusers_weight_files(folder / sub, DIFFUSERS_WEIGHT_STEMS[comp])
     kw: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kw["torch_dtype"] = dtype
