@@ -253,7 +253,7 @@ _HARMLESS: dict[str, str] = {}
 for _keys, _why in (
     ("xformers sdpa mem_eff_attn", "attention always runs through PyTorch SDPA"),
     ("lowram highvram disable_mmap_load_safetensors vae_batch_size skip_cache_check", "a loading/caching detail"),
-    ("persistent_data_loader_workers", "workers are kept between epochs"),
+    ("persistent_data_loader_workers", "a DataLoader detail; results do not depend on it"),
     ("logging_dir log_with log_prefix log_tracker_name log_tracker_config log_config wandb_run_name wandb_api_key",
      "TensorBoard logs go to <output_dir>/logs"),
     ("console_log_level console_log_file console_log_simple", "a logging detail"),
@@ -469,6 +469,12 @@ def _preset_from(doc: Mapping[str, Any], label: str, findings: list[Finding]) ->
             raise ConfigError(f"{label}.{key} must be a table of tables ([{key}.<name>] with algo, factor, ...)")
         return {str(k): dict(v) for k, v in value.items()}
 
+    for key in ("module_algo_map", "name_algo_map"):
+        for name in table(key):
+            if "\\" in name:
+                findings.append(Finding(f"{label}.{key}", name, NOTE, "LyCORIS reads presets with the `toml` package, "
+                                        "which keeps the backslashes of quoted keys doubled, so in LyCORIS this key "
+                                        "may match other modules than here; write it without backslash escapes"))
     enable_conv = doc.get("enable_conv", base["enable_conv"])
     use_fnmatch = doc.get("use_fnmatch", False)
     for key, v in (("enable_conv", enable_conv), ("use_fnmatch", use_fnmatch)):
@@ -1033,9 +1039,8 @@ def _convert_data(a: _Table, ctx: _Ctx, cfg: dict, dataset: Mapping[str, Any] | 
     if wh is None:
         raise ConfigError("resolution is missing (kohya needs it in the arguments or the dataset config)")
     w, h = wh
-    side = int(math.isqrt(w * h))
     step = one("bucket_reso_steps", 64, _int)
-    res = side - side % step
+    res = max(step, round(math.sqrt(w * h) / step) * step)  # the square of (nearly) the same area
     if (w, h) != (res, res):
         ctx.note("resolution", f"{w},{h}", f"buckets here have area resolution²: written as data.resolution = {res}")
     data["resolution"] = res
@@ -1332,6 +1337,12 @@ def convert_files(
     net = _kv_list("network_args", args.get("network_args", [])) if args.get("network_module") == "lycoris.kohya" else {}
     if preset_path is None and net.get("preset") and net["preset"] not in _BUILTIN_PRESETS:
         preset_path = _near(net["preset"], base)
+        if not preset_path.exists():
+            raise ConfigError(
+                f"network_args preset={net['preset']} is neither a LyCORIS builtin preset "
+                f"({', '.join(_BUILTIN_PRESETS)}) nor a file (looked in the working folder and beside {args_path}); "
+                "pass --lycoris-preset FILE"
+            )
     elif preset_path is not None and net.get("preset") and net["preset"] != str(preset_path):
         sources.append(f"  (--lycoris-preset replaces network_args preset={net['preset']})")
     if preset_path is not None:
