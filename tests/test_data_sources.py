@@ -275,3 +275,34 @@ def test_shards_without_webdataset_give_install_hint(shards: str, monkeypatch) -
     monkeypatch.setitem(sys.modules, "webdataset", None)  # import fails as if not installed
     with pytest.raises(DataError, match=r"pip install 'lokr-trainer\[webdataset\]'"):
         WebDatasetSource(shards)
+
+
+@pytest.mark.parametrize("bad", [0, -64, 10**12, 1024.5, True, "wide", [64]])
+def test_absurd_sidecar_sizes_are_refused_naming_the_file(tmp_path: Path, bad) -> None:
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "a.png").write_bytes(img_bytes(64, 48))
+    (d / "a.json").write_text(json.dumps({"tags": "x", "width": bad, "height": 48}))
+    with pytest.raises(ManifestError) as e:
+        list(FolderSource(d))
+    assert "a.json" in str(e.value) and "width" in str(e.value)
+
+
+def test_a_wrong_sidecar_size_is_a_logged_skip_not_a_squashed_image(tmp_path: Path) -> None:
+    """The sidecar chose the bucket; the header read during decode catches a size off by more than rounding."""
+    from lokr_trainer.data.dataset import BucketDataset, collate
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    for name, (w, h), stated in (("ok", (64, 48), (64, 48)), ("round", (64, 48), (65, 47)), ("wrong", (48, 64), (64, 48))):
+        (d / f"{name}.png").write_bytes(img_bytes(w, h))
+        (d / f"{name}.json").write_text(json.dumps({"tags": name, "width": stated[0], "height": stated[1]}))
+    index = index_records(FolderSource(d), BucketSet.from_config(SMALL), progress=False)
+    assert len(index) == 3  # trusted at index time: no header read per image
+    ds = BucketDataset(index, image=ImageConfig(), seed=0)
+    items = {Path(index.records[i].path).stem: ds[i] for i in range(len(index))}
+    assert "pixel_values" in items["ok"] and "pixel_values" in items["round"]
+    where, reason, kind = items["wrong"]["skip"]
+    assert kind == "wrong_size" and "wrong.png" in where and "64x48" in reason and "48x64" in reason
+    batch = collate([items["ok"], items["wrong"]])
+    assert batch["pixel_values"].shape[0] == 1

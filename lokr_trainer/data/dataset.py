@@ -105,6 +105,23 @@ def index_records(
     return IndexedRecords(kept, bucket_set.assign_many(sizes), bucket_set)
 
 
+def _stated_size_holds(rec: SampleRecord, w: int, h: int) -> tuple[int, int]:
+    """The file's size, once checked against the metadata size its bucket was chosen from.
+
+    Sidecar sizes save a header read per image when indexing, so the check
+    happens here, on the header the decode reads anyway: an image whose
+    sidecar is wrong by more than rounding would be cropped hard into a bucket
+    of the wrong shape, so it is skipped (kind ``wrong_size``, as the latent cache names it) and named.
+    """
+    sw, sh = rec.width, rec.height
+    if sw and sh and (abs(w - sw) > max(2, sw // 100) or abs(h - sh) > max(2, sh // 100)):
+        raise BadImageError(
+            rec.where, f"metadata says {sw}x{sh} but the image is {w}x{h}; fix the sidecar/manifest size or remove it",
+            kind="wrong_size",
+        )
+    return w, h
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The crop/flip generator for one sample of one epoch."""
     return np.random.default_rng([int(seed), int(epoch), int(index), IMAGE_STREAM])
@@ -178,7 +195,8 @@ class BucketDataset(torch.utils.data.Dataset):
                 return self._sample(rec, index, plan, caption, latents=moments)
         src = rec.data if rec.data is not None else rec.path
         try:
-            arr, plan = load_cropped(src, lambda w, h: self.plan(index, epoch, w, h), rec.where, self.image.decode)
+            arr, plan = load_cropped(src, lambda w, h: self.plan(index, epoch, *_stated_size_holds(rec, w, h)),
+                                     rec.where, self.image.decode)
         except BadImageError as e:
             logger.debug("skipping %s: %s", e.path or rec.where, e.reason)  # counted via SkipLog.add_batch
             return {"skip": (e.path or rec.where, e.reason, e.kind), "index": index}

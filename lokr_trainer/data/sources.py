@@ -86,7 +86,7 @@ def _int_or_none(value: Any, name: str, where: str) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ManifestError(f"{where}: {name} must be an integer, got {value!r}") from None
 
 
@@ -136,9 +136,25 @@ def apply_metadata(record: SampleRecord, meta: Mapping[str, Any], where: str) ->
         record.caption = cap
     w = meta.get("width", meta.get("image_width"))
     h = meta.get("height", meta.get("image_height"))
-    record.width = _int_or_none(w, "width", where) or record.width
-    record.height = _int_or_none(h, "height", where) or record.height
+    record.width = _side_or_none(w, "width", where) or record.width
+    record.height = _side_or_none(h, "height", where) or record.height
     return record
+
+
+#: Largest image side a sidecar may claim (Pillow's own limits are lower for most formats).
+MAX_SIDE = 1 << 17
+
+
+def _side_or_none(value: Any, name: str, where: str) -> int | None:
+    """An image side from metadata: a whole number of pixels in [1, MAX_SIDE], never a bool or 1024.7."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ManifestError(f"{where}: {name} must be a whole number of pixels, got {value!r}")
+    side = _int_or_none(value, name, where)
+    if side is None or not 1 <= side <= MAX_SIDE:
+        raise ManifestError(f"{where}: {name} = {value!r} is not an image size (1 to {MAX_SIDE} pixels); fix or remove it")
+    return side
 
 
 def apply_txt_caption(record: SampleRecord, text: str, keep_tokens: int = 0) -> SampleRecord:
