@@ -651,7 +651,7 @@ def _settings_dict(t: tuple) -> dict[str, Any]:
 
 
 def _synthesise_lokr(target: Mapping[str, tuple | None], table: Any) -> dict[str, Any]:
-    """A ``[lokr]`` table (targets = full + first-match rules) whose resolution is ``target``."""
+    """A ``[lokr]`` table (a target set + first-match rules) whose resolution is ``target``."""
     selected = [t for t in target.values() if t is not None]
     comps = [c for c in ("unet", "te1", "te2") if any(target[e.lokr_name] for e in table.component(c))]
     default = Counter(selected).most_common(1)[0][0]
@@ -660,6 +660,14 @@ def _synthesise_lokr(target: Mapping[str, tuple | None], table: Any) -> dict[str
     for e in table.entries:
         if e.component in comps:
             groups.setdefault((e.component, e.kind), set()).add(target[e.lokr_name])
+    from lokr_trainer.lokr.names import KINDS
+    from lokr_trainer.lokr.targets import TARGET_PRESETS
+
+    for target_name in ("attn", "attn-mlp", "full"):  # the smallest target set that leaves out only unselected kinds
+        kinds_in = TARGET_PRESETS[target_name]
+        if all(values == {None} for (_, kind), values in groups.items() if kind not in kinds_in):
+            break
+    groups = {ck: values for ck, values in groups.items() if ck[1] in kinds_in}
     rules: list[dict[str, Any]] = []
     exact: list[tuple[str, tuple | None]] = []  # modules whose group is mixed
     by_value: dict[tuple | None, dict[str, list[str]]] = {}
@@ -680,15 +688,16 @@ def _synthesise_lokr(target: Mapping[str, tuple | None], table: Any) -> dict[str
         rules.append({"pattern": names, **({"skip": True} if value is None else _rule_fields(value, base))})
     for value, kinds in sorted(by_value.items(), key=lambda kv: kv[0] is not None):
         by_comps: dict[tuple[str, ...], list[str]] = {}
-        for kind, cs in kinds.items():
-            by_comps.setdefault(tuple(sorted(cs, key=comps.index)), []).append(kind)
+        for kind in sorted(kinds, key=KINDS.index):
+            by_comps.setdefault(tuple(sorted(kinds[kind], key=comps.index)), []).append(kind)
         for cs, ks in by_comps.items():
             rule: dict[str, Any] = {"kind": ks}
-            if list(cs) != comps:
+            having = {c for (c, k) in groups if k in ks}  # components that have these kinds at all
+            if set(cs) != having:
                 rule["component"] = list(cs)
             rule.update({"skip": True} if value is None else _rule_fields(value, base))
             rules.append(rule)
-    out: dict[str, Any] = {"components": comps, "targets": "full", **{k: v for k, v in base.items()}}
+    out: dict[str, Any] = {"components": comps, "targets": target_name, **base}
     if rules:
         out["rules"] = rules
     return out
