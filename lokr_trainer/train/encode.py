@@ -72,7 +72,11 @@ def module_digest(*modules: torch.nn.Module) -> str:
     """Digest of the weights (names, dtypes, shapes, bytes) and configs of ``modules``.
 
     Reads every tensor once (about a second for the SDXL VAE); compute it once
-    per run and pass it to the caches.
+    per run and pass it to the caches.  Config keys starting with ``_`` are
+    library bookkeeping, not architecture, and are left out: diffusers'
+    ``_use_default_values`` is a list made from a set, in an order that changes
+    with each process's string-hash seed, so with it every process (every rank,
+    every re-run) got its own digest and never reused another's cache entries.
     """
     h = hashlib.sha256()
     for m in modules:
@@ -80,6 +84,7 @@ def module_digest(*modules: torch.nn.Module) -> str:
         cfg = getattr(m, "config", None)
         if cfg is not None:
             items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+            items = {k: v for k, v in items.items() if not str(k).startswith("_")}
             h.update(json.dumps(items, sort_keys=True, default=str).encode())
         for name, t in sorted(m.state_dict().items()):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
