@@ -492,3 +492,11 @@ factor = 4
     lokr = _check_against_lycoris(tmp_path, skeleton, args, preset,
                                   {"algo": "lokr", "factor": "8", "full_matrix": "True", "unet_only": True})
     assert lokr["components"] == ["unet"] and any("pattern" in r for r in lokr["rules"])
+
+
+def test_conv_dim_zero_turns_convs_off_as_in_lycoris(tmp_path: Path, skeleton) -> None:
+    args = {"network_dim": 8, "network_alpha": 0, "network_args": ["algo=lokr", "factor=-1", "conv_dim=0"]}
+    lokr = _check_against_lycoris(tmp_path, skeleton, args, None, {"algo": "lokr", "factor": "-1", "conv_dim": "0"})
+    kinds = {e.kind for e, _ in LoKrConfig.from_dict(lokr).resolve(sdxl_module_table())}
+    assert "resnet_conv" not in kinds and {"skip", "attn", "te_mlp"} <= kinds  # 1x1 skips use the linear dim
+

@@ -611,11 +611,13 @@ def _lycoris_target(table: Any, preset: _Preset, root: _Root, components: Sequen
         if entry.kind in _CONV3_KINDS:
             if not (conv_dim > 0 or dim):
                 continue
-            dim, alpha = dim or conv_dim, alpha or root.conv_alpha
+            dim = dim or conv_dim
+            alpha = alpha or root.conv_alpha or dim  # LoKr takes alpha 0 as alpha = dim
         else:
             if root.dim <= 0:
                 continue
-            dim, alpha = dim or root.dim, alpha or root.alpha
+            dim = dim or root.dim
+            alpha = alpha or root.alpha or dim
         s = {
             "factor": int(conf.get("factor", root.factor)),
             "full_matrix": _str_bool(conf["full_matrix"]) if "full_matrix" in conf else root.full_matrix,
@@ -861,8 +863,8 @@ def _convert_network(a: _Table, ctx: _Ctx) -> tuple[dict[str, Any], _Root, str]:
         except ValueError:
             raise ConfigError(f"network_args {key} = {raw!r}: expected a number") from None
 
-    conv_dim = num("conv_dim", dim, lambda s: int(float(s))) or dim
-    conv_alpha = num("conv_alpha", alpha, float) or alpha
+    conv_dim = num("conv_dim", dim, lambda s: int(float(s)))  # 0 turns 3x3 convs off, as in LyCORIS
+    conv_alpha = num("conv_alpha", alpha, float)
     tucker_keys = [k for k in ("use_tucker", "use_cp", "use_conv_cp") if nargs.has(k)]
     use_tucker = any(_str_bool(nargs.take(k)) for k in tucker_keys)
     if nargs.has("disable_conv_cp") and not _str_bool(nargs.take("disable_conv_cp")):
