@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 import torch.nn as nn
 
 from lokr_trainer.config import load_config

@@ -33,7 +33,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import tomli_w
 
@@ -1336,10 +1336,12 @@ def convert_files(
     args_path = Path(args_path)
     args = flatten_args(read_toml(args_path, "kohya config file"))
     base = args_path.parent
-    sources = [f"Converted from kohya sd-scripts by `python -m lokr_trainer.config from-kohya`:", f"  args: {args_path}"]
+    sources = ["Converted from kohya sd-scripts by `python -m lokr_trainer.config from-kohya`:", f"  args: {args_path}"]
     dataset = None
     if dataset_path is None and args.get("dataset_config") is not None:
         dataset_path = _near(_str("dataset_config", args["dataset_config"]), base)
+    elif dataset_path is not None and args.get("dataset_config") is not None:
+        sources.append(f"  (--dataset-config replaces dataset_config = {args['dataset_config']})")
     if dataset_path is not None:
         dataset = read_toml(Path(dataset_path), "kohya dataset config")
         sources.append(f"  dataset config: {dataset_path}")
