@@ -7,8 +7,10 @@ from typing import Sequence
 
 USAGE = """usage: python -m lokr_trainer.config {from-kohya,reference} ...
 
-  from-kohya ARGS.toml [--dataset-config DATASET.toml] [--lycoris-preset PRESET.toml] -o RUN.toml
+  from-kohya ARGS.toml [--dataset-config DATASET.toml] [--lycoris-preset PRESET.toml]
+             [--num-processes N] -o RUN.toml [--overwrite]
                 converts a kohya sd-scripts SDXL training config to a lokr_trainer run config
+                (N = the GPUs the kohya run used: train.global_batch = batch x accumulation x N)
   reference [-o FILE] [--check]
                 writes (or checks) the configuration reference generated from the config schema
 """
