@@ -294,9 +294,14 @@ def two_node_commands(launcher: str, cfg_file: Path) -> list[list[str]]:
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_two_nodes_train_the_adapter_one_process_with_twice_the_accumulation_trains(
         demo_dir, one_process, tmp_path, launcher):
-    """Not bit-equal: each node's backward runs at batch 2 and DDP sums the two ranks' gradients,
-    where one process sums two micro-batches' gradients in another order (float addition is not
-    associative); the adapter differs by ~1e-7 of its norm, the bound is 1e-6."""
+    """Equal within 1e-6 of the adapter's norm, not promised bit-equal.
+
+    Here (2 ranks x batch 2 vs 1 process x 2 micro-batches of 2, one thread everywhere) the
+    kernels see the same shapes and a two-term sum is exact, and the adapters came out
+    bit-equal; with 2 threads in the reference process they differed by 4.5e-8.  In general
+    the per-device batch size (BLAS picks other kernels), the thread count, GPU kernels and
+    NCCL's chunked ring all-reduce over more than two ranks change the order of float sums,
+    so the contract is the 1e-6 bound."""
     out = tmp_path / "shared"  # one output_dir for both nodes: the shared disk
     cfg_file = save_config(node_config(demo_dir, out), tmp_path / "run.toml")
     t0 = time.perf_counter()
@@ -316,7 +321,6 @@ def test_two_nodes_train_the_adapter_one_process_with_twice_the_accumulation_tra
     print(f"\n{launcher} 2 nodes x 1 process vs 1 process x accumulation 2: ||d||/||w|| = {rel:.2e}, "
           f"launch {wall:.1f} s")
     assert rel < 1e-6
-    assert rel > 0 or all(torch.equal(one_process[k], two[k]) for k in two)  # the measure is not vacuous
     assert any(k.endswith("lokr_w2") and v.abs().max() > 0 for k, v in two.items())  # it trained
 
     if launcher == "accelerate":
@@ -330,3 +334,41 @@ def test_two_nodes_train_the_adapter_one_process_with_twice_the_accumulation_tra
         rel_resumed = global_rel_diff(one_process, adapter_tensors(resumed.adapter))
         print(f"2 nodes to step 3, resumed on 1 process x accumulation 2 to step 5: ||d||/||w|| = {rel_resumed:.2e}")
         assert rel_resumed < 1e-6
+
+
+# ----------------------------------------------------------------------------- one node differs: all stop, none hangs
+
+
+@pytest.mark.parametrize("node1_differs", ["model_missing", "other_data"])
+def test_a_node_that_cannot_run_stops_every_node_with_one_error_line(demo_dir, tmp_path, node1_differs):
+    """Node 1 lacks the model (it stopped before the process group existed: node 0 hung in it until
+    the timeout) or reads another copy of the data (each node trained its own batch plan, silently)."""
+    out = tmp_path / "shared"
+    cfg0 = save_config(node_config(demo_dir, out), tmp_path / "node0.toml")
+    cfg1 = node_config(demo_dir, out)
+    if node1_differs == "model_missing":
+        cfg1 = load_config(cfg0, [f"model.path={tmp_path / 'missing.safetensors'}"])
+        expect = "model.path: "
+    else:
+        fewer = tmp_path / "data_copy"
+        shutil.copytree(demo_dir / "demo_output" / "data", fewer)
+        for p in fewer.glob("img_007.*"):
+            p.unlink()
+        cfg1 = load_config(cfg0, [f"data.path=[{str(fewer)!r}]"])
+        expect = "sees another run than rank 0 (data.digest, data.path differ)"
+    cfg1_file = save_config(cfg1, tmp_path / "node1.toml")
+    cmds = two_node_commands("accelerate", cfg0)
+    cmds[1][-1] = str(cfg1_file)
+    t0 = time.perf_counter()
+    node0, node1 = launch_all(cmds, tmp_path, timeout=120)
+    wall = time.perf_counter() - t0
+    errors = [[line for line in r.stderr.splitlines() if line.startswith("error: ")] for r in (node0, node1)]
+    print(f"\n{node1_differs}: both nodes stopped in {wall:.1f} s: {errors}")
+    assert node0.returncode != 0 and node1.returncode != 0
+    assert all(len(e) == 1 for e in errors), errors
+    if node1_differs == "model_missing":
+        assert errors[1][0].startswith(f"error: {expect}")
+        assert errors[0][0].startswith("error: rank 1 of 2 (host ") and expect in errors[0][0]
+    else:
+        assert all(expect in e[0] for e in errors), errors
+    assert not (out / STATE_DIR).exists()  # nothing trained

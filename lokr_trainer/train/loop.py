@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 
 from lokr_trainer.data.records import SampleRecord
 from lokr_trainer.data.tags import Captioner
-from lokr_trainer.errors import ConfigError, DataError, TrainingError
+from lokr_trainer.errors import CheckpointError, ConfigError, DataError, LokrTrainerError, TrainingError
 from lokr_trainer.lokr.io import json_dumps
 from lokr_trainer.safetensors_io import parse_dtype
 from lokr_trainer.train.batching import GlobalBatchPlan, Layout, MicroBatchSampler, WeightedSamples, collate_weighted
@@ -161,8 +162,11 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.progress = progress
         self.output_dir = Path(config.train.output_dir)
-        self._check_inputs()
+        failure = _attempt(self._check_inputs)
+        if failure is not None and accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise failure  # one process: nobody waits for it, fail before accelerate starts
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
+        self._agree(failure, "checking the inputs")
         acc = self.accelerator
         accum, _ = config.train.accumulation(acc.num_processes)  # refuses a global batch that does not divide
         self.layout = Layout(config.train.batch_size, accum, acc.num_processes)
@@ -218,6 +222,44 @@ class Trainer:
             )
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"train.mixed_precision = {self.cfg.train.mixed_precision!r}: {e}") from None
+
+    def _agree(self, error: LokrTrainerError | None, what: str, identity: dict | None = None) -> None:
+        """Every rank says whether ``what`` worked on it; if it failed anywhere, every rank stops.
+
+        A rank that stops alone (a path missing on one node, a node-local
+        output_dir without the state to resume) would leave the others
+        waiting in their next collective until the NCCL/gloo timeout.  With
+        ``identity``, every rank must also see the same run (model bytes, data
+        set, config): nodes reading different copies would train on different
+        batch plans without any error.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            if error is not None:
+                raise error
+            return
+        from accelerate.utils import gather_object
+
+        mine = {"rank": acc.process_index, "host": socket.gethostname(), "identity": identity,
+                "error": None if error is None else str(error), "exit_2": isinstance(error, (ConfigError, DataError, CheckpointError))}
+        reports = gather_object([mine])
+        if error is not None:
+            raise error
+        n = acc.num_processes
+        for r in reports:
+            if r["error"] is not None:
+                kind = ConfigError if r["exit_2"] else TrainingError
+                raise kind(f"rank {r['rank']} of {n} (host {r['host']}) stopped while {what}: {r['error']}")
+        if identity is not None:
+            ref = reports[0]["identity"]
+            for r in reports[1:]:
+                differ = sorted(k for k in set(ref) | set(r["identity"]) if ref.get(k) != r["identity"].get(k))
+                if differ:
+                    raise ConfigError(
+                        f"rank {r['rank']} of {n} (host {r['host']}) sees another run than rank 0 "
+                        f"({', '.join(differ)} differ): every node must read the same model, data and config "
+                        "(a shared disk, or identical copies)"
+                    )
 
     @property
     def is_main(self) -> bool:
@@ -299,33 +341,39 @@ class Trainer:
         tc, out = cfg.train, self.output_dir
         state_root = out / STATE_DIR
 
-        # resume, or refuse to overwrite a run
-        state = state_path = None
-        if self.resume is not None:
-            state_path = resolve_resume(self.resume, out)
-            state = load_state(state_path)
-        elif list_states(state_root):
-            raise ConfigError(
-                f"train.output_dir: {out} already holds a run (states in {state_root}); "
-                "pass --resume latest to continue it, or choose another output_dir"
-            )
+        # what each rank reads from its disks (every rank gets past this point, or all stop: _agree)
+        failure = identity = None
+        try:
+            # resume, or refuse to overwrite a run
+            state = state_path = None
+            if self.resume is not None:
+                state_path = resolve_resume(self.resume, out)
+                state = load_state(state_path)
+            elif list_states(state_root):
+                raise ConfigError(
+                    f"train.output_dir: {out} already holds a run (states in {state_root}); "
+                    "pass --resume latest to continue it, or choose another output_dir"
+                )
 
-        # data before the model: bad data fails in seconds, not after a 7 GB load
-        self.skip_log = SkipLog(logger)
-        index = self._index(cfg.data.path, self.skip_log)
-        dataset = self._dataset(index, cfg.caption)
-        plan = GlobalBatchPlan(index.bucket_ids, self.layout.global_batch, tc.seed, cfg.data.drop_incomplete)
-        total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * plan.steps_per_epoch
-        digest = data_digest(index.records)
-        base_hash = model_sha256(cfg.model.path, memo_dir=out / ".cache", progress=self.progress and self.is_main)
-        identity = run_defining_dict(cfg, acc.num_processes)
-        identity.update({"data.digest": digest, "model.sha256": base_hash, "train.total_steps": total_steps})
-        if cfg.model.init_lokr:  # the starting adapter decides the weights as much as the base does
-            identity["model.init_lokr_sha256"] = model_sha256(cfg.model.init_lokr, progress=False)
-        start_step = 0
-        if state is not None:
-            check_resume_compatible(state["trainer"]["identity"], identity, state_path)
-            start_step = int(state["trainer"]["step"])
+            # data before the model: bad data fails in seconds, not after a 7 GB load
+            self.skip_log = SkipLog(logger)
+            index = self._index(cfg.data.path, self.skip_log)
+            dataset = self._dataset(index, cfg.caption)
+            plan = GlobalBatchPlan(index.bucket_ids, self.layout.global_batch, tc.seed, cfg.data.drop_incomplete)
+            total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * plan.steps_per_epoch
+            digest = data_digest(index.records)
+            base_hash = model_sha256(cfg.model.path, memo_dir=out / ".cache", progress=self.progress and self.is_main)
+            identity = run_defining_dict(cfg, acc.num_processes)
+            identity.update({"data.digest": digest, "model.sha256": base_hash, "train.total_steps": total_steps})
+            if cfg.model.init_lokr:  # the starting adapter decides the weights as much as the base does
+                identity["model.init_lokr_sha256"] = model_sha256(cfg.model.init_lokr, progress=False)
+            start_step = 0
+            if state is not None:
+                check_resume_compatible(state["trainer"]["identity"], identity, state_path)
+                start_step = int(state["trainer"]["step"])
+        except LokrTrainerError as e:
+            failure = e
+        self._agree(failure, "reading the model, data and training state", identity)
 
         # model, adapters, optimizer
         models = self._load_models()
@@ -748,6 +796,15 @@ def _init_from_file(network: Any, path: str) -> None:
             f"model.init_lokr: {path}: {e.problem} (the file must hold exactly the modules and factor shapes "
             "the [lokr] table selects: match [lokr] to the file's settings)"
         ) from None
+
+
+def _attempt(fn: Callable[[], None]) -> LokrTrainerError | None:
+    """Run ``fn``; the library error it raised, or ``None``."""
+    try:
+        fn()
+    except LokrTrainerError as e:
+        return e
+    return None
 
 
 def _cast_like(loaded: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
