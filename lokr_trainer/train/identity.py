@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -57,8 +58,11 @@ def model_sha256(path: str | Path, memo_dir: str | Path | None = None, progress:
     digest = h.hexdigest()
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
+        # every rank writes the memo; on a shared disk two nodes' ranks can have the same pid,
+        # so the temp name must be unique across hosts, not only per process
+        fd, tmp = tempfile.mkstemp(prefix=f".{memo.name}.", suffix=".tmp", dir=memo.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"stamp": stamp, "sha256": digest}))
         os.replace(tmp, memo)
     return digest
 
