@@ -361,6 +361,16 @@ def check_recipe_output(out: Path, recipe: dict[str, Any], base_dir: Path) -> No
                 assert len(keys) == 4
                 for k in keys:
                     assert o.get_tensor(k).float().equal(r.get_tensor(k).float()), k
+        # a summed tensor is Σ wᵢ·Wᵢ in fp32, rounded once to the output dtype
+        bases = [x if isinstance(x, dict) else {"path": x} for x in recipe["base"]]
+        if len(bases) > 1 and all("weight" in x for x in bases):
+            key = "model.diffusion_model.input_blocks.0.0.weight"
+            total = 0
+            for x in bases:
+                with safe_open(str(base_dir / x["path"]), "pt") as f:
+                    total = total + float(x["weight"]) * f.get_tensor(key).float()
+            got = o.get_tensor(key)
+            assert got.equal(total.to(got.dtype)), key
 
 
 # --------------------------------------------------------------------------------------- the harness itself
