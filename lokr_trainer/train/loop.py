@@ -611,7 +611,9 @@ class Trainer:
             self._validate(run, done)
         if run.cfg.sample.every > 0 and done % run.cfg.sample.every == 0:
             self._sample(run, done)
-        if 0 < tc.stop_after <= done < run.total_steps:
+        # a stop_after the run had already reached when it was resumed is spent: resuming with the
+        # saved config.toml (which keeps it) continues instead of stopping again after one step
+        if run.start_step < tc.stop_after <= done < run.total_steps:
             result.stopped = "stop_after"
             message = f"stopped after step {done} (train.stop_after)"
         elif self._stop_requested(stop):
