@@ -26,7 +26,8 @@ examples/x.py`` in a fresh work dir, default arguments), every
 ``examples/*.toml`` merge recipe runs through ``python -m lokr_trainer.merge
 --recipe``, and every other example TOML must parse.  One test per doc and
 per example; a failure names the doc and the block's line and shows its
-stderr.  ``LOKR_DOCS_BLOCK_TIMEOUT`` (seconds, default 300) bounds each block.
+stderr.  ``LOKR_DOCS_BLOCK_TIMEOUT`` (seconds, default 300) bounds each block;
+``LOKR_DOCS_TIMINGS=FILE`` appends each block's wall time to FILE.
 """
 
 from __future__ import annotations
@@ -315,9 +316,18 @@ def test_doc_blocks_run(doc: Path, doc_fixtures: Fixtures, tmp_path: Path):
         pytest.fail(str(e), pytrace=False)
     work = make_workdir(doc_fixtures, tmp_path / "work")
     ran = run_blocks(blocks, work, tmp_path / "blocks", block_env(tmp_path / "bin"))
+    _record_timings([(b.where, b.lang, seconds) for b, seconds in ran])
     # every block the convention says runs did run (nothing silently filtered out)
     assert [b.line for b, _ in ran] == [b.line for b in blocks if b.lang in RUN_LANGS and b.not_run is None]
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _record_timings(rows: list[tuple[str, str, float]]) -> None:
+    """With ``LOKR_DOCS_TIMINGS=FILE``, append ``where<TAB>lang<TAB>seconds`` per run block/example."""
+    path = os.environ.get("LOKR_DOCS_TIMINGS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(f"{where}\t{lang}\t{seconds:.2f}\n" for where, lang, seconds in rows)
 
 
 def _merge_recipe(d: dict[str, Any]) -> bool:
@@ -334,12 +344,15 @@ def test_example_runs(example: Path, doc_fixtures: Fixtures, tmp_path: Path):
             d = tomllib.load(f)  # every example TOML parses
         if example.parent == EXAMPLES_DIR and _merge_recipe(d):
             cmd = [sys.executable, "-m", "lokr_trainer.merge", "--recipe", str(rel)]
-            run_script(cmd, work, env, f"{rel}: merge recipe", " ".join(["python"] + cmd[1:]))
+            _record_timings([(str(rel), "recipe", run_script(cmd, work, env, f"{rel}: merge recipe",
+                                                              " ".join(["python"] + cmd[1:])))])
             check_recipe_output(work / "examples" / d["out"], d, work / "examples")
     elif example.suffix == ".py":
-        run_script([sys.executable, str(rel)], work, env, f"{rel}: example", f"python {rel}")
+        seconds = run_script([sys.executable, str(rel)], work, env, f"{rel}: example", f"python {rel}")
+        _record_timings([(str(rel), "python", seconds)])
     else:
-        run_script(["bash", "-e", "-o", "pipefail", str(rel)], work, env, f"{rel}: example", f"bash {rel}")
+        seconds = run_script(["bash", "-e", "-o", "pipefail", str(rel)], work, env, f"{rel}: example", f"bash {rel}")
+        _record_timings([(str(rel), "bash", seconds)])
     shutil.rmtree(work, ignore_errors=True)
 
 
