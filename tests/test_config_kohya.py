@@ -499,3 +499,14 @@ def test_conv_dim_zero_turns_convs_off_as_in_lycoris(tmp_path: Path, skeleton) -
     kinds = {e.kind for e, _ in LoKrConfig.from_dict(lokr).resolve(sdxl_module_table())}
     assert "resnet_conv" not in kinds and {"skip", "attn", "te_mlp"} <= kinds  # 1x1 skips use the linear dim
 
+
+
+def test_network_weights_becomes_init_lokr(tmp_path: Path) -> None:
+    """kohya's "continue from this adapter" is our model.init_lokr; dim_from_weights is named, not dropped."""
+    base = {"pretrained_model_name_or_path": "m.safetensors", "train_data_dir": "d", "resolution": 1024,
+            "network_module": "lycoris.kohya", "network_args": ["algo=lokr"]}
+    conv = convert({**base, "network_weights": "published_lokr.safetensors", "dim_from_weights": True})
+    assert conv.config["model"]["init_lokr"] == "published_lokr.safetensors"
+    assert "network_weights" in conv.keys(NOTE) and "dim_from_weights" in conv.keys(UNSUPPORTED)
+    plain = convert(base)
+    assert "init_lokr" not in plain.config["model"] and "network_weights" not in plain.keys(NOTE)

@@ -285,7 +285,7 @@ for _keys, _why, _off in (
     ("prior_loss_weight", "regularisation images are not supported", (1.0, 1)),
     ("reg_data_dir", "regularisation images are not supported", ()),
     ("in_json dataset_repeats", "kohya fine-tuning metadata JSON is not read; use sidecars or a .jsonl manifest", ()),
-    ("network_weights dim_from_weights", "continuing from a file is done in Python (attach_lokr_from_file)", ()),
+    ("dim_from_weights", "model.init_lokr needs the [lokr] table to match the file; shapes are not read from it", (False,)),
     ("base_weights base_weights_multiplier", "merge the weights into the base first (python -m lokr_trainer.merge)", ()),
     ("scale_weight_norms", "max-norm regularisation is not implemented", ()),
     ("network_dropout", "lycoris.kohya ignores it (LyCORIS reads network_args dropout)", ()),
@@ -815,6 +815,11 @@ def _convert_model(a: _Table, ctx: _Ctx, cfg: dict) -> None:
     if path is None:
         raise ConfigError("pretrained_model_name_or_path is missing: kohya needs the SDXL base, and so does model.path")
     cfg["model"]["path"] = _str("pretrained_model_name_or_path", path)
+    weights = a.take("network_weights")
+    if weights not in (None, ""):
+        cfg["model"]["init_lokr"] = _str("network_weights", weights)
+        ctx.note("network_weights", weights, "written as model.init_lokr: the adapters start from this LoKr file, "
+                 "whose modules must match the [lokr] selection")
     mp = a.take("mixed_precision", "no")
     if mp not in _PRECISION:
         raise ConfigError(f'mixed_precision = {_show(mp)}: expected "no", "fp16" or "bf16"')
