@@ -5,48 +5,7 @@ config (:mod:`.kohya`); ``python -m lokr_trainer.config reference`` writes the
 configuration reference generated from :func:`schema` (:mod:`.reference`).
 """
 
-from lokr_trainer.config.run_config import (
-    CAPTION_HELP,
-    DataConfig,
-    DiffusionConfig,
-    FieldHelp,
-    LOKR_HELP,
-    LOKR_RULE_HELP,
-    ModelConfig,
-    OptimizerConfig,
-    RULES,
-    Rule,
-    RunConfig,
-    SampleConfig,
-    SchedulerConfig,
-    TrainConfig,
-    ValidationConfig,
-    apply_override,
-    load_config,
-    run_defining_dict,
-    save_config,
-    schema,
-)
+from lokr_trainer.config import run_config as _run_config
+from lokr_trainer.config.run_config import *  # noqa: F401,F403 - the public names are run_config's __all__
 
-__all__ = [
-    "CAPTION_HELP",
-    "DataConfig",
-    "DiffusionConfig",
-    "FieldHelp",
-    "LOKR_HELP",
-    "LOKR_RULE_HELP",
-    "ModelConfig",
-    "OptimizerConfig",
-    "RULES",
-    "Rule",
-    "RunConfig",
-    "SampleConfig",
-    "SchedulerConfig",
-    "TrainConfig",
-    "ValidationConfig",
-    "apply_override",
-    "load_config",
-    "run_defining_dict",
-    "save_config",
-    "schema",
-]
+__all__ = list(_run_config.__all__)

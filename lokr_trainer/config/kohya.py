@@ -37,12 +37,8 @@ from typing import Any, Mapping, Sequence
 
 import tomli_w
 
+from lokr_trainer.config.run_config import read_toml
 from lokr_trainer.errors import ConfigError, LokrTrainerError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 __all__ = ["Conversion", "Finding", "convert", "convert_files", "flatten_args", "main"]
 
@@ -114,21 +110,6 @@ def _show(value: Any) -> str:
 # ----------------------------------------------------------------------------- reading kohya files
 
 
-def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """A TOML file as a dict, with one-line errors that name the file."""
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a folder; give the .toml file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason})") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def flatten_args(doc: Mapping[str, Any]) -> dict[str, Any]:

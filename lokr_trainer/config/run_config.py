@@ -785,22 +785,28 @@ def _wants_string(parts: Sequence[str]) -> bool:
     return tp is str or args == [str]
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, with one-line errors that name the file."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give the .toml file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML run config (or none), apply ``--set`` overrides in order, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        data = read_toml(Path(path), "config file")
     for override in overrides:
         apply_override(data, override)
     return RunConfig.from_dict(data)
