@@ -182,7 +182,11 @@ def test_a_signal_during_a_merge_leaves_no_temp_and_the_old_output_intact(tiny_s
     out.write_bytes(b"previous output")
     cmd = [sys.executable, "-c", _SLOW_MERGE, "--base", str(tiny_sdxl.single_file), "--out", str(out),
            "--overwrite", "--no-progress", "--dtype", "fp16", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signum = getattr(signal, sig)
+    # a shell's background job or nohup starts children with SIGINT/SIGHUP ignored (and the writer then
+    # rightly leaves them alone); the test models a run started from a terminal
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

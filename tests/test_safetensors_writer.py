@@ -97,7 +97,9 @@ def test_sigterm_and_sighup_during_a_write_leave_no_temp_file(tmp_path, sig):
                 yield p.name, torch.zeros(p.shape)
         write_safetensors({str(tmp_path / 'big.safetensors')!r}, plan, slow())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    signum = getattr(signal, sig)  # nohup/background jobs start children with it ignored: model a terminal
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     for _ in range(5):
         proc.stdout.readline()  # a few tensors are in the temp file
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
