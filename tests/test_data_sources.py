@@ -306,3 +306,23 @@ def test_a_wrong_sidecar_size_is_a_logged_skip_not_a_squashed_image(tmp_path: Pa
     assert kind == "wrong_size" and "wrong.png" in where and "64x48" in reason and "48x64" in reason
     batch = collate([items["ok"], items["wrong"]])
     assert batch["pixel_values"].shape[0] == 1
+
+
+def test_verify_puts_a_wrong_sidecar_size_in_the_files_bucket_and_says_so(tmp_path: Path, caplog) -> None:
+    """data.verify_sizes (on by default in runs): the header read corrects the stated size before bucketing."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "wrong.png").write_bytes(img_bytes(40, 128))  # tall
+    (d / "wrong.json").write_text(json.dumps({"tags": "x", "width": 128, "height": 40}))  # says wide
+    (d / "round.png").write_bytes(img_bytes(64, 48))
+    (d / "round.json").write_text(json.dumps({"tags": "x", "width": 65, "height": 47}))
+    bs = BucketSet.from_config(SMALL)
+    trusted = index_records(FolderSource(d), bs, progress=False)
+    with caplog.at_level("WARNING"):
+        checked = index_records(FolderSource(d), bs, verify=True, progress=False)
+    by_name = lambda ix: {Path(r.path).stem: (r.width, r.height, ix.bucket_of(i)) for i, r in enumerate(ix.records)}  # noqa: E731
+    t, c = by_name(trusted), by_name(checked)
+    assert c["wrong"][:2] == (40, 128) and c["wrong"][2].height > c["wrong"][2].width
+    assert t["wrong"][2].width > t["wrong"][2].height  # what trusting the sidecar would have trained on
+    assert "1 images have a wrong size" in caplog.text and "wrong.json" not in caplog.text and "wrong.png" in caplog.text
+    assert "round.png" not in caplog.text  # rounding is not a wrong size

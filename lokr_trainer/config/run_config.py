@@ -121,6 +121,10 @@ class DataConfig:
     max_tokens: int = _f(75, "Prompt length in CLIP tokens, a positive multiple of 75 (Kohaku XL recipes: 300).")
     prompt_layout: str = _f("kohya", "How long prompts are joined: kohya (75n+2 positions) or concat (77n positions).")
     keep_tokens: int = _f(0, "Number of leading caption items kept in place when tags are shuffled.")
+    verify_sizes: bool = _f(
+        True, "Read each image's header to check the size a sidecar/manifest states before it picks a bucket "
+        "(wrong sizes are corrected and counted); false trusts stated sizes (a wrong one is skipped at decode).",
+    )
     drop_incomplete: bool = _f(
         False, "Drop a bucket's last short global batch instead of padding it with zero-weight samples."
     )

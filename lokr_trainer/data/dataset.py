@@ -85,6 +85,7 @@ def index_records(
 
     kept: list[SampleRecord] = []
     sizes: list[tuple[int, int]] = []
+    corrected: list[str] = []
     chunk = 4096  # bounded number of pending futures, even for millions of records
     with (
         ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
@@ -96,13 +97,25 @@ def index_records(
                 if isinstance(res, BadImageError):
                     skip_log.add_error(res)
                     continue
+                if rec.has_size() and _size_differs((int(rec.width), int(rec.height)), res):  # type: ignore[arg-type]
+                    corrected.append(f"{rec.where} ({rec.width}x{rec.height} stated, {res[0]}x{res[1]} in the file)")
                 rec.width, rec.height = res
                 kept.append(rec)
                 sizes.append(res)
             bar.update(len(part))
+    if corrected:
+        logger.warning(
+            "%d images have a wrong size in their metadata; bucketed by the file's size: %s%s",
+            len(corrected), "; ".join(corrected[:3]), " ..." if len(corrected) > 3 else "",
+        )
     if not kept:
         raise DataError(f"no usable image among {len(recs)} records ({skip_log.summary()})")
     return IndexedRecords(kept, bucket_set.assign_many(sizes), bucket_set)
+
+
+def _size_differs(stated: tuple[int, int], actual: tuple[int, int]) -> bool:
+    """More than rounding apart: max(2 px, 1 %) per side (tools round sizes after resizing or rotating)."""
+    return any(abs(a - s) > max(2, s // 100) for s, a in zip(stated, actual))
 
 
 def _stated_size_holds(rec: SampleRecord, w: int, h: int) -> tuple[int, int]:
@@ -114,7 +127,7 @@ def _stated_size_holds(rec: SampleRecord, w: int, h: int) -> tuple[int, int]:
     of the wrong shape, so it is skipped (kind ``wrong_size``, as the latent cache names it) and named.
     """
     sw, sh = rec.width, rec.height
-    if sw and sh and (abs(w - sw) > max(2, sw // 100) or abs(h - sh) > max(2, sh // 100)):
+    if sw and sh and _size_differs((sw, sh), (w, h)):
         raise BadImageError(
             rec.where, f"metadata says {sw}x{sh} but the image is {w}x{h}; fix the sidecar/manifest size or remove it",
             kind="wrong_size",

@@ -285,7 +285,8 @@ class Trainer:
         buckets = BucketSet.from_config(
             BucketConfig(resolution=d.resolution, step=d.bucket_step, min_side=d.min_bucket, max_side=d.max_bucket)
         )
-        return index_records(records, buckets, skip_log=skip_log, progress=self.progress and self.is_main)
+        return index_records(records, buckets, skip_log=skip_log, verify=d.verify_sizes,
+                             progress=self.progress and self.is_main)
 
     def _dataset(self, index: Any, caption_cfg: Any) -> Any:
         from lokr_trainer.data import BucketDataset, ImageConfig
