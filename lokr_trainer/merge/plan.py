@@ -286,10 +286,12 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
         n_unmatched = sum(len(v) for v in count.unmatched.values())
         n_named = len(group_module_tensors(header.tensors))
 
+        def per_component() -> str:
+            return "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
+
         def unmatched_error(n: int) -> UnmatchedModuleError:
-            per = "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
             return UnmatchedModuleError(
-                f"{path}: {n} LoKr modules have no layer in base {base.path}: {per} "
+                f"{path}: {n} LoKr modules have no layer in base {base.path}: {per_component()} "
                 "(is the adapter for another model? --skip-unmatched skips them with a warning)"
             )
 
@@ -345,8 +347,7 @@ def _match_lokrs(recipe: Recipe, base: TensorSource, warnings: list[str]) -> tup
         if n_unmatched:
             if not recipe.skip_unmatched:
                 raise unmatched_error(n_unmatched)
-            per = "; ".join(f"{LABELS.get(c, c)}: {_few(v, 3)}" for c, v in count.unmatched.items())
-            warnings.append(f"{path.name}: skipping {n_unmatched} modules the base lacks: {per}")
+            warnings.append(f"{path.name}: skipping {n_unmatched} modules the base lacks: {per_component()}")
         count.resident_bytes = sum(
             t.numel() * t.element_size() for m in lf.modules.values() for t in m.tensors.values()
         )
