@@ -367,8 +367,13 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_sdxl, tiny_data, tm
     assert global_rel_diff(adapter_tensors(plain.adapter), adapter_tensors(gc.adapter)) < 1e-6
 
 
-def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, tiny_data, tmp_path, straight_runs):
-    """Ctrl-C while the CLI trains: it saves a state at the next step boundary, exits 0, and resumes exactly."""
+@pytest.mark.parametrize("delay", [0.0, 0.3], ids=["as-the-summary-prints", "during-training"])
+def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, tiny_data, tmp_path, straight_runs, delay):
+    """Ctrl-C while the CLI trains: it saves a state at the next step boundary, exits 0, and resumes exactly.
+
+    From the moment the summary is on screen Ctrl-C is handled: delay 0 sends it as
+    the summary's last line arrives (once a KeyboardInterrupt traceback, a lost run).
+    """
     import time
 
     out = tmp_path / "run"
@@ -384,7 +389,7 @@ def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, 
     for line in proc.stdout:
         if line.startswith("  outputs"):
             break
-    time.sleep(0.3)
+    time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, rest
@@ -396,6 +401,21 @@ def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, 
     _, r = fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 6, "log_every": 1}, optimizer={"name": "adamw"}), resume="latest")
     final = r.adapter if r.adapter is not None else out / "lokr.safetensors"
     assert_bit_identical(straight_runs["adamw"], adapter_tensors(final))
+
+
+def test_ctrl_c_before_training_begins_is_one_line_and_exit_130(tiny_sdxl, tiny_data, tmp_path, monkeypatch, capsys):
+    """An interrupt while the model loads or the caches fill: no traceback, no state, exit 130."""
+    from lokr_trainer.train import __main__ as cli
+
+    def interrupted_setup(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_setup", interrupted_setup)
+    cfg_file = save_config(config(tiny_sdxl, tiny_data, tmp_path / "run"), tmp_path / "run.toml")
+    assert cli.main(["--config", str(cfg_file), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "state").exists()
 
 
 def test_data_workers_do_not_change_the_run(tiny_sdxl, tiny_data, tmp_path):

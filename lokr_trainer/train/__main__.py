@@ -4,7 +4,8 @@ Also runs under ``accelerate launch -m lokr_trainer.train ...`` and
 ``torchrun -m lokr_trainer.train ...`` (one process per GPU; the global batch
 stays what the config says).  Exit codes: 0 done (or stopped with a
 resumable state), 2 bad config or input (one line, no traceback, before any
-model loads), 1 a run that could not go on (e.g. non-finite losses).
+model loads), 1 a run that could not go on (e.g. non-finite losses), 130
+interrupted before training began or by a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # a Ctrl-C before training began (imports, loading, caching) or a second one during a step
+        print("interrupted: this interrupt saved nothing; a run resumes from its last saved state (--resume latest)",
+              file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "PIL"):

@@ -444,9 +444,9 @@ class Trainer:
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.toml")
-            print(run_summary(cfg, self.layout, len(index), len(set(int(b) for b in index.bucket_ids)),
+        summary = run_summary(cfg, self.layout, len(index), len(set(int(b) for b in index.bucket_ids)),
                               plan.steps_per_epoch, total_steps, start_step, network.summary(parse_dtype(tc.save_dtype)),
-                              groups, self.skip_log.summary(), out), flush=True)
+                              groups, self.skip_log.summary(), out) if self.is_main else ""
         loader = torch.utils.data.DataLoader(
             WeightedSamples(dataset),
             batch_sampler=MicroBatchSampler(plan, self.layout, self.rank, start_step, total_steps),
@@ -470,7 +470,7 @@ class Trainer:
             latent_channels=int(vae.config.latent_channels),
             scaling=float(getattr(vae.config, "scaling_factor", 0.13025)),
             shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
-            log=TrainLog(out / "logs" if self.is_main else None),
+            log=TrainLog(out / "logs" if self.is_main else None), summary=summary,
         )
 
     # ------------------------------------------------------------------ fit
@@ -485,24 +485,30 @@ class Trainer:
         run = self._setup()
         result = TrainResult(self.output_dir, None, run.start_step, 0, run.total_steps)
         if run.start_step >= run.total_steps:
+            self._print(run.summary)
             self._print(f"the run is already complete ({run.start_step}/{run.total_steps} steps); nothing to do")
+            run.log.close()
             final = self.output_dir / "lokr.safetensors"
             result.adapter = final if final.is_file() else None
             return result
 
-        run.wrapped.train()
-        run.models.unet.train()
-        if run.cfg.train.train_text_encoders:
-            run.models.text_encoder.train()
-            run.models.text_encoder_2.train()
-        if run.cfg.validation.every > 0 and run.start_step == 0:
-            self._validate(run, 0)  # the curve's starting point
-        batches = iter(run.loader)
-        bar = tqdm(total=run.total_steps, initial=run.start_step, desc="training", unit="step",
-                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
-        window = [time.perf_counter(), 0]  # start time, images since
-        try:
-            with _StopRequest() as stop:
+        bar = None
+        # The handler is in place before the summary is printed: from the moment a user sees
+        # it, Ctrl-C / SIGTERM means "save at the next step boundary", never a lost run.
+        with _StopRequest() as stop:
+            try:
+                self._print(run.summary)
+                run.wrapped.train()
+                run.models.unet.train()
+                if run.cfg.train.train_text_encoders:
+                    run.models.text_encoder.train()
+                    run.models.text_encoder_2.train()
+                if run.cfg.validation.every > 0 and run.start_step == 0:
+                    self._validate(run, 0)  # the curve's starting point
+                batches = iter(run.loader)
+                bar = tqdm(total=run.total_steps, initial=run.start_step, desc="training", unit="step",
+                           disable=not (self.progress and self.is_main), dynamic_ncols=True)
+                window = [time.perf_counter(), 0]  # start time, images since
                 for step in range(run.start_step, run.total_steps):
                     loss, grad_norm, n_real = self._step(run, step, batches)
                     window[1] += n_real
@@ -512,9 +518,10 @@ class Trainer:
                     bar.update(1)
                     if self._after_step(run, done, loss, grad_norm, result, stop, bar, window):
                         break
-        finally:
-            bar.close()
-            run.log.close()
+            finally:
+                if bar is not None:
+                    bar.close()
+                run.log.close()
         if result.stopped == "done":
             result.state = self._save_state(run, run.total_steps)
             if self.is_main:
@@ -771,6 +778,7 @@ class _Run:
     scaling: float
     shift: float
     log: Any
+    summary: str  # printed by fit() once Ctrl-C is handled ("" on other ranks)
 
 
 def _forget_previous_accelerator(mixed_precision: str) -> None:
