@@ -16,12 +16,12 @@ from PIL import Image
 
 from lokr_trainer.data.__main__ import main as stats_main
 from lokr_trainer.data.buckets import BucketConfig, BucketSet
-from lokr_trainer.data.dataset import ImageConfig, index_records
+from lokr_trainer.data.dataset import ImageConfig, index_records, probe_record_size
 from lokr_trainer.data.images import SkipLog
 from lokr_trainer.data.sources import FolderSource, ManifestSource, WebDatasetSource, open_source
 from lokr_trainer.data.stream import ShardBucketStream
 from lokr_trainer.data.tags import CaptionConfig, Captioner
-from lokr_trainer.errors import DataError, ManifestError
+from lokr_trainer.errors import BadImageError, DataError, ManifestError
 
 SMALL = BucketConfig(resolution=64, step=32, min_side=32, max_side=128)
 
@@ -179,10 +179,42 @@ def test_webdataset_source(shards: str) -> None:
     recs = list(src)
     keys = [f"{k:05d}" for k in range(8)]
     assert [r.key for r in recs] == keys[:4] + ["broken"] + keys[4:]  # shard order, member order
-    assert recs[0].tags == {"general": ["t_0", "smile"]} and recs[0].rating == "general" and recs[0].data
+    assert recs[0].tags == {"general": ["t_0", "smile"]} and recs[0].rating == "general"
+    assert recs[0].image_source() == img_bytes(64, 64, "JPEG", seed=0)
     assert src.missing_image == 1 and src.bad_shards == [shards.replace("{000000..000004}", "000004")]
     assert isinstance(open_source(shards), WebDatasetSource)
     assert src.shard_range(1, 2) == src.shards[1::2]
+
+
+def test_local_plain_shards_are_read_in_place_and_compressed_ones_streamed(shards: str, tmp_path: Path) -> None:
+    """Indexing a local .tar keeps no image bytes (a shard set larger than RAM trains); .tar.gz holds them."""
+    import gzip
+
+    pytest.importorskip("webdataset")
+    plain = Path(shards.replace("{000000..000004}", "000000"))
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    in_place, in_memory = list(WebDatasetSource(str(plain))), list(WebDatasetSource(str(packed)))
+    assert [r.key for r in in_place] == [r.key for r in in_memory] == ["00000", "00001"]
+    assert all(r.data is None and r.path == str(plain) and r.offset % 512 == 0 for r in in_place)
+    assert all(r.data is not None and r.offset is None for r in in_memory)
+    for a, b in zip(in_place, in_memory):
+        assert a.image_source() == b.data and a.tags == b.tags and a.fav_count == b.fav_count
+        assert probe_record_size(a) == probe_record_size(b) == Image.open(io.BytesIO(b.data)).size
+    assert in_place[0].where == f"{plain}:00000"
+
+    # the shard changes under a run: a clear per-image skip, never other bytes
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(plain.read_bytes())
+    rec = list(WebDatasetSource(str(cut)))[1]
+    cut.write_bytes(plain.read_bytes()[: rec.offset + 10])
+    with pytest.raises(BadImageError, match="ends inside this member") as e:
+        rec.image_source()
+    assert e.value.kind == "truncated"
+    cut.unlink()
+    with pytest.raises(BadImageError, match="not found") as e:
+        probe_record_size(rec)
+    assert e.value.kind == "missing" and str(cut) in str(e.value)
 
 
 def test_shard_stream_batches(shards: str) -> None:

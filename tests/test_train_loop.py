@@ -418,6 +418,32 @@ def test_ctrl_c_before_training_begins_is_one_line_and_exit_130(tiny_sdxl, tiny_
     assert not (tmp_path / "run" / "state").exists()
 
 
+def test_tar_shards_read_in_place_train_the_same_adapter_as_compressed_ones(tiny_sdxl, tiny_data, tmp_path):
+    """Local .tar members are read where they lie (no image bytes in the index); a .tar.gz copy of the
+    same shards holds the bytes in memory: the runs, data workers included, are bit-identical."""
+    import gzip
+    import tarfile
+
+    pytest.importorskip("webdataset")
+    images = sorted(tiny_data.glob("*.png"))
+    for s in range(2):  # two shards of four samples (image + caption)
+        with tarfile.open(tmp_path / f"{s:06d}.tar", "w") as tar:
+            for img in images[4 * s : 4 * s + 4]:
+                tar.add(img, arcname=img.name)
+                tar.add(img.with_suffix(".txt"), arcname=img.with_suffix(".txt").name)
+        (tmp_path / f"{s:06d}.tar.gz").write_bytes(gzip.compress((tmp_path / f"{s:06d}.tar").read_bytes()))
+    runs = {}
+    for kind, workers in (("tar", 2), ("tar.gz", 0)):
+        cfg = config(tiny_sdxl, tiny_data, tmp_path / kind, lokr=NO_EMB)
+        cfg = RunConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "num_workers": workers,
+                                                             "path": [str(tmp_path / f"{{000000..000001}}.{kind}")]}})
+        trainer, runs[kind] = fit(cfg)
+        assert runs[kind].steps_done == 4 and runs[kind].skipped_images == 0
+    assert_bit_identical(adapter_tensors(runs["tar"].adapter), adapter_tensors(runs["tar.gz"].adapter))
+    meta = [safe_open(str(r.adapter), "pt").metadata()["lokr_trainer.data_digest"] for r in runs.values()]
+    assert meta[0] == meta[1]
+
+
 def test_data_workers_do_not_change_the_run(tiny_sdxl, tiny_data, tmp_path):
     _, r0 = fit(config(tiny_sdxl, tiny_data, tmp_path / "w0", data={"num_workers": 0}))
     _, r2 = fit(config(tiny_sdxl, tiny_data, tmp_path / "w2", data={"num_workers": 2}))

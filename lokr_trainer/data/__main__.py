@@ -14,8 +14,8 @@ import sys
 from typing import Iterable, Sequence
 
 from lokr_trainer.data.buckets import BucketConfig, BucketSet
-from lokr_trainer.data.dataset import index_records
-from lokr_trainer.data.images import DecodeOptions, SkipLog, probe_size
+from lokr_trainer.data.dataset import index_records, probe_record_size
+from lokr_trainer.data.images import SkipLog
 from lokr_trainer.data.records import SampleRecord
 from lokr_trainer.data.sources import WebDatasetSource, open_source
 from lokr_trainer.data.stats import compute_stats, format_stats
@@ -55,13 +55,12 @@ def _records(sources: Sequence[str], keep_tokens: int, limit: int | None, skip_l
                 break
             if streamed:  # size now, then drop the bytes: statistics must not hold a shard in RAM
                 try:
-                    rec.width, rec.height = probe_size(rec.data, rec.where, DecodeOptions())  # type: ignore[arg-type]
+                    rec.width, rec.height = probe_record_size(rec)
                 except BadImageError as e:
                     skip_log.add_error(e)
                     continue
                 finally:
                     rec.data = None
-                rec.path = None
             out.append(rec)
         if streamed and src.bad_shards:  # type: ignore[union-attr]
             for url in src.bad_shards:  # type: ignore[union-attr]

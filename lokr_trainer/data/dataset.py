@@ -52,6 +52,17 @@ class IndexedRecords:
         return self.bucket_set[int(self.bucket_ids[i])]
 
 
+def probe_record_size(rec: SampleRecord, decode: DecodeOptions = DecodeOptions()) -> tuple[int, int]:
+    """The displayed size from the image header; a tar member is probed in place (a few KiB read)."""
+    if rec.data is None and rec.offset is not None:
+        with rec.open_member() as fh:
+            return probe_size(fh, rec.where, decode)
+    src = rec.image_source()
+    if src is None:
+        raise BadImageError(rec.where, "record has neither a path nor data", kind="missing")
+    return probe_size(src, rec.where, decode)
+
+
 def index_records(
     records: Iterable[SampleRecord],
     bucket_set: BucketSet,
@@ -75,11 +86,8 @@ def index_records(
     def probe(rec: SampleRecord) -> tuple[int, int] | BadImageError:
         if rec.has_size() and not verify:
             return (int(rec.width), int(rec.height))  # type: ignore[arg-type]
-        src = rec.data if rec.data is not None else rec.path
-        if src is None:
-            return BadImageError(rec.where, "record has neither a path nor data", kind="missing")
         try:
-            return probe_size(src, rec.where, decode)
+            return probe_record_size(rec, decode)
         except BadImageError as e:
             return e
 
@@ -206,9 +214,8 @@ class BucketDataset(torch.utils.data.Dataset):
                 return {"skip": (e.path or rec.where, e.reason, e.kind), "index": index}
             if moments is not None:
                 return self._sample(rec, index, plan, caption, latents=moments)
-        src = rec.data if rec.data is not None else rec.path
         try:
-            arr, plan = load_cropped(src, lambda w, h: self.plan(index, epoch, *_stated_size_holds(rec, w, h)),
+            arr, plan = load_cropped(rec.image_source(), lambda w, h: self.plan(index, epoch, *_stated_size_holds(rec, w, h)),
                                      rec.where, self.image.decode)
         except BadImageError as e:
             logger.debug("skipping %s: %s", e.path or rec.where, e.reason)  # counted via SkipLog.add_batch

@@ -34,7 +34,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Union
+from typing import BinaryIO, Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,7 +44,8 @@ from lokr_trainer.errors import BadImageError
 
 logger = logging.getLogger(__name__)
 
-ImageSource = Union[str, os.PathLike, bytes]
+#: A path, encoded bytes, or an open binary file (a tar member's window: header reads only)
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
 #: Default pixel limit: Pillow's own hard limit (2 × ``Image.MAX_IMAGE_PIXELS``),
 #: about 179 megapixels, i.e. 537 MB as 8-bit RGB.
@@ -92,7 +93,9 @@ class DecodeOptions:
 def _where(src: ImageSource, where: str | None) -> str:
     if where is not None:
         return where
-    return "<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+    if isinstance(src, (bytes, bytearray)):
+        return "<bytes>"
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else str(getattr(src, "name", "<file>"))
 
 
 def _open(src: ImageSource, where: str, opts: DecodeOptions) -> Image.Image:
@@ -101,6 +104,11 @@ def _open(src: ImageSource, where: str, opts: DecodeOptions) -> Image.Image:
         if len(src) == 0:
             raise BadImageError(where, "empty data (0 bytes)", kind="empty")
         fp: object = io.BytesIO(src)
+    elif hasattr(src, "read"):
+        if src.seek(0, os.SEEK_END) == 0:
+            raise BadImageError(where, "empty data (0 bytes)", kind="empty")
+        src.seek(0)
+        fp = src
     else:
         try:
             st = os.stat(src)

@@ -10,8 +10,12 @@ workers.
 from __future__ import annotations
 
 import datetime as _dt
+import io
+import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import BinaryIO, Mapping
+
+from lokr_trainer.errors import BadImageError
 
 #: Rating names accepted in metadata, mapped to danbooru's four ratings.
 RATING_ALIASES: Mapping[str, str] = {
@@ -36,8 +40,13 @@ class SampleRecord:
     Attributes:
         key: unique, stable identifier (path relative to the dataset root, or a
             shard's ``__key__``); used in logs, caches and statistics.
-        path: image file on disk, or ``None`` when the bytes travel in ``data``.
-        data: encoded image bytes (tar shards), or ``None`` for files on disk.
+        path: image file on disk (or the tar shard that holds it, see ``offset``),
+            or ``None`` when the bytes travel in ``data``.
+        data: encoded image bytes (compressed or remote tar shards), or ``None``.
+        offset, size: when set, the image is the ``size`` bytes at ``offset`` in
+            ``path`` (a member of a local uncompressed tar shard): records of a
+            huge shard set then hold no image bytes, and every rank and worker
+            reads just the members it draws.
         width, height: displayed size (after EXIF rotation) when known; filled
             by :func:`lokr_trainer.data.images.probe_size` otherwise.
         tags: tag lists by category (``character``, ``copyright``, ``artist``,
@@ -54,6 +63,8 @@ class SampleRecord:
     key: str
     path: str | None = None
     data: bytes | None = field(default=None, repr=False)
+    offset: int | None = None
+    size: int | None = None
     width: int | None = None
     height: int | None = None
     tags: dict[str, list[str]] = field(default_factory=dict)
@@ -67,10 +78,80 @@ class SampleRecord:
     @property
     def where(self) -> str:
         """The best human-readable location of the image, for logs."""
-        return self.path if self.path is not None else f"{self.source}:{self.key}"
+        if self.path is not None and self.offset is None:
+            return self.path
+        return f"{self.source or self.path}:{self.key}"
+
+    def open_member(self) -> "BinaryIO":
+        """A tar member as a seekable file of its own (header probes read a few KiB, not the image)."""
+        try:
+            fh = open(self.path, "rb")  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise BadImageError(self.where, f"shard {self.path} not found", kind="missing") from None
+        except OSError as e:
+            raise BadImageError(self.where, f"cannot read shard {self.path}: {e.strerror or e}", kind="missing") from None
+        return io.BufferedReader(_Window(fh, int(self.offset or 0), int(self.size or 0), self.where))
+
+    def image_source(self) -> bytes | str | None:
+        """What the decoders read: the bytes, a tar member's bytes read from its shard, or the path.
+
+        A shard that is gone or shorter than the member raises
+        :class:`~lokr_trainer.errors.BadImageError` (kinds ``missing`` / ``truncated``).
+        """
+        if self.data is not None:
+            return self.data
+        if self.offset is None or self.path is None:
+            return self.path
+        try:
+            with open(self.path, "rb") as fh:
+                data = os.pread(fh.fileno(), int(self.size or 0), self.offset)
+        except FileNotFoundError:
+            raise BadImageError(self.where, f"shard {self.path} not found", kind="missing") from None
+        except OSError as e:
+            raise BadImageError(self.where, f"cannot read shard {self.path}: {e.strerror or e}", kind="missing") from None
+        if len(data) != self.size:
+            raise BadImageError(self.where, f"shard {self.path} ends inside this member "
+                                f"({len(data)} of {self.size} bytes)", kind="truncated")
+        return data
 
     def has_size(self) -> bool:
         return bool(self.width) and bool(self.height)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [offset, offset + size) of an open file, as a seekable read-only file."""
+
+    def __init__(self, fh: BinaryIO, offset: int, size: int, name: str) -> None:
+        self._fh, self._offset, self._size, self._pos = fh, offset, size, 0
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
+        n = max(0, min(len(buf), self._size - self._pos))
+        if n == 0:
+            return 0
+        data = os.pread(self._fh.fileno(), n, self._offset + self._pos)
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
 
 
 def normalize_rating(value: object) -> str | None:

@@ -287,11 +287,40 @@ def _require_webdataset() -> None:
 _KEY_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
 
-def _group_members(fileobj: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+@dataclass(frozen=True)
+class MemberSpan:
+    """Where an image member's bytes lie in a local uncompressed shard (read later, in place)."""
+
+    offset: int
+    size: int
+
+
+#: magic numbers of gzip, bzip2, xz and zstd: such shards must be streamed, not read in place
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def _local_plain_tar(url: str) -> str | None:
+    """The path of a shard that is a local, uncompressed tar file (its images can be read in place)."""
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path or path.startswith("pipe:") or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return None
+    return None if head.startswith(_COMPRESSED_MAGIC) else path
+
+
+def _group_members(fileobj: Any, in_place: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream a tar file as webdataset samples: consecutive members sharing a key (name up to the
-    first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``."""
+    first dot of the file name) form one sample ``{"__key__": key, ext: bytes, ...}``.
+
+    ``in_place`` (a seekable, uncompressed shard): image members become a :class:`MemberSpan`
+    and their bytes are skipped, so indexing a shard set reads its headers and captions only.
+    """
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+    with tarfile.open(fileobj=fileobj, mode="r:" if in_place else "r|*") as tf:
         for info in tf:
             if not info.isreg():
                 continue
@@ -299,8 +328,11 @@ def _group_members(fileobj: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             if m is None or "/__" in "/" + info.name:
                 continue
             key, ext = m.group(1), m.group(2).lower()
-            f = tf.extractfile(info)
-            data = f.read() if f is not None else b""
+            if in_place and ext in _IMAGE_MEMBER_EXTS:
+                data: Any = MemberSpan(info.offset_data, info.size)
+            else:
+                f = tf.extractfile(info)
+                data = f.read() if f is not None else b""
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current["__key__"], current
@@ -319,7 +351,11 @@ def sample_from_members(members: Mapping[str, Any], where: str, keep_tokens: int
     ext = next((e for e in _IMAGE_MEMBER_EXTS if e in members), None)
     if ext is None:
         return None
-    rec = SampleRecord(key=key, data=bytes(members[ext]), source=where)
+    image = members[ext]
+    if isinstance(image, MemberSpan):
+        rec = SampleRecord(key=key, path=where, offset=image.offset, size=image.size, source=where)
+    else:
+        rec = SampleRecord(key=key, data=bytes(image), source=where)
     if "json" in members:
         try:
             meta = json.loads(bytes(members["json"]).decode("utf-8-sig"))
@@ -359,14 +395,15 @@ class WebDatasetSource:
         import webdataset as wds
 
         for url in shards:
+            local = _local_plain_tar(url)
             try:
-                stream = wds.gopen(url)
+                stream = open(local, "rb") if local is not None else wds.gopen(url)
             except Exception as e:  # noqa: BLE001 - any transport error: skip the shard
                 self._bad(url, e)
                 continue
             try:
-                for key, members in _group_members(stream):
-                    rec = sample_from_members(members, url, self.keep_tokens)
+                for key, members in _group_members(stream, in_place=local is not None):
+                    rec = sample_from_members(members, local or url, self.keep_tokens)
                     if rec is None:
                         self.missing_image += 1
                         logger.warning("%s: sample %r has no image member; skipped", url, key)

@@ -86,7 +86,7 @@ class ShardBucketStream(torch.utils.data.IterableDataset):
             return plan_crop(w, h, self.bucket_set[self.bucket_set.assign(w, h)], self.image.crop, rng, flip)
 
         try:
-            arr, plan = load_cropped(rec.data, plan_for, rec.where, self.image.decode)
+            arr, plan = load_cropped(rec.image_source(), plan_for, rec.where, self.image.decode)
         except BadImageError as e:
             return {"skip": (rec.where, e.reason, e.kind), "index": idx}
         out = BucketDataset._sample(rec, idx, plan, self.captioner(rec, self.epoch, idx), pixels=to_tensor(arr))

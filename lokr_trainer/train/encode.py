@@ -207,16 +207,19 @@ class ContentHasher:
         try:
             st = os.stat(rec.path)
         except FileNotFoundError:
-            raise BadImageError(rec.path, "file not found", kind="missing") from None
-        known = self.memo.get(rec.path)
+            raise BadImageError(rec.where, "file not found" if rec.offset is None else f"shard {rec.path} not found",
+                                kind="missing") from None
+        # a tar member is remembered by its place in the shard (the shard's size and mtime guard it)
+        memo_key = rec.path if rec.offset is None else f"{rec.path}@{rec.offset}+{rec.size}"
+        known = self.memo.get(memo_key)
         if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
             return known[2]
         h = hashlib.sha256()
-        with open(rec.path, "rb") as fh:
+        with (open(rec.path, "rb") if rec.offset is None else rec.open_member()) as fh:
             while chunk := fh.read(_HASH_CHUNK):
                 h.update(chunk)
         digest = h.hexdigest()
-        self.memo[rec.path] = (st.st_size, st.st_mtime_ns, digest)
+        self.memo[memo_key] = (st.st_size, st.st_mtime_ns, digest)
         self._dirty = True
         return digest
 
@@ -394,8 +397,6 @@ class _DecodeJobs(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         i, plan = self.jobs[j]
         rec = self.dataset.index.records[i]
-        src = rec.data if rec.data is not None else rec.path
-
         def same_size(w: int, h: int) -> CropPlan:
             if (w, h) != (plan.orig_w, plan.orig_h):
                 raise BadImageError(
@@ -407,7 +408,7 @@ class _DecodeJobs(torch.utils.data.Dataset):
             return plan
 
         try:
-            arr, _ = load_cropped(src, same_size, rec.where, self.dataset.image.decode)
+            arr, _ = load_cropped(rec.image_source(), same_size, rec.where, self.dataset.image.decode)
         except BadImageError as e:
             return {"job": j, "skip": (e.path or rec.where, e.reason, e.kind)}
         return {"job": j, "pixels": to_tensor(arr)}
