@@ -155,3 +155,50 @@ def test_resume_refuses_another_init_file(tiny_sdxl, images, published, tmp_path
     init.write_bytes(published.read_bytes())
     result = fit(config(tiny_sdxl, images, out, model={"init_lokr": str(init)}), resume="latest")
     assert result.start_step == 1 and result.steps_done == 1
+
+
+def test_frozen_text_encoders_keep_the_files_te_modules_baked_in_and_saved_unchanged(tiny_sdxl, images, published, tmp_path):
+    """UNet-only training from a file with TE modules: prompts see the file's TE adapters, every saved
+    adapter carries them unchanged, and a resume bakes them again."""
+    from lokr_trainer.lokr import attach_lokr_from_file
+    from lokr_trainer.sdxl import load_sdxl
+
+    want = load_file(str(published))
+    te_keys = {k for k in want if k.startswith("lora_te")}
+    assert te_keys and any(k.startswith("lora_unet") for k in want)
+    frozen = {"train_text_encoders": False, "max_steps": 2}
+    trainer = Trainer(config(tiny_sdxl, images, tmp_path / "run", model={"init_lokr": str(published)}, train=frozen,
+                             **_no_lr()), progress=False)
+    got = load_file(str(trainer.fit().adapter))
+    assert set(got) == set(want)  # the TE modules are in the file, the UNet modules were trained (lr 0: unchanged)
+    assert not [k for k in want if not torch.equal(want[k], got[k])]
+    with safe_open(str(trainer.output_dir / "lokr.safetensors"), "pt") as f:
+        assert f.metadata()["lokr_trainer.kept_modules"].startswith(f"{len({k.split('.')[0] for k in te_keys})} text-encoder")
+
+    # the frozen encoders the run used = the base with the file's TE adapters applied
+    reference = load_sdxl(tiny_sdxl.single_file)
+    attach_lokr_from_file(reference, published)
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
+    for name in ("text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(trainer.models, name), getattr(reference, name)
+        with torch.no_grad():
+            a = ours(ids, output_hidden_states=True).hidden_states[-2]
+            b = theirs(ids, output_hidden_states=True).hidden_states[-2]
+            plain = getattr(load_sdxl(tiny_sdxl.single_file), name)(ids, output_hidden_states=True).hidden_states[-2]
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+        assert not torch.allclose(a, plain, atol=1e-3), f"{name}: the file's TE modules changed nothing"
+
+    # stop after 1 step and resume: the final adapter still carries the TE modules unchanged
+    out = tmp_path / "resumed"
+    cfg = config(tiny_sdxl, images, out, model={"init_lokr": str(published)}, train={**frozen, "stop_after": 1})
+    fit(cfg)
+    final = load_file(str(fit(cfg, resume="latest").adapter))
+    assert {k for k in final if k.startswith("lora_te")} == te_keys
+    assert all(torch.equal(final[k], want[k]) for k in te_keys)
+
+
+def test_trained_text_encoders_without_te_modules_in_lokr_name_the_frozen_alternative(tiny_sdxl, images, published, tmp_path):
+    narrow = config(tiny_sdxl, images, tmp_path / "narrow", model={"init_lokr": str(published)},
+                    lokr={"components": ["unet"]})
+    with pytest.raises(ConfigError, match=r"set train\.train_text_encoders = false\)$"):
+        fit(narrow)

@@ -94,7 +94,9 @@ class ModelConfig:
     init_lokr: str = _f(
         "",
         "Start the adapters from this LoKr .safetensors file (e.g. a published one) instead of ΔW = 0; "
-        "its modules and factor shapes must match the [lokr] selection (empty = fresh adapters).",
+        "its modules and factor shapes must match the [lokr] selection (empty = fresh adapters). "
+        "With train.train_text_encoders = false its text-encoder modules are baked into the frozen encoders "
+        "and saved unchanged next to the trained UNet modules.",
     )
 
 

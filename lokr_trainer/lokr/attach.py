@@ -341,10 +341,11 @@ class LoKrNetwork(nn.Module):
         dtype: torch.dtype | str = torch.float16,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
+        extra_modules: Mapping[str, LoKrModuleWeights] | None = None,
     ) -> Path:
         from lokr_trainer.lokr.io import save_lokr
 
-        return save_lokr(self, path, dtype=dtype, metadata=metadata, overwrite=overwrite)
+        return save_lokr(self, path, dtype=dtype, metadata=metadata, overwrite=overwrite, extra_modules=extra_modules)
 
     @torch.no_grad()
     def load_state(self, source: LoKrFile | str | Path, *, strict: bool = True) -> list[str]:
@@ -463,6 +464,33 @@ def infer_settings(module: LoKrModuleWeights, weight_shape: Sequence[int], base:
         weight_decompose="dora_scale" in t,
         rule=None,
     )
+
+
+@torch.no_grad()
+def bake_modules_into(
+    models: Any, modules: Mapping[str, LoKrModuleWeights], table: ModuleTable | None = None, where: str | Path | None = None
+) -> int:
+    """W ← W + ΔW in the live models for each module (adapters kept frozen cost nothing per step).
+
+    Computed in fp32 and stored in the layer's dtype, like the merge's bake.  A
+    module the model lacks, or whose factors do not fit its layer, is a
+    :class:`WrongModelError` naming it (``where``: the file), and then no
+    weight has changed.  Returns the number of modules baked.
+    """
+    table = table if table is not None else _table_for(models)
+    planned = []
+    for name, module in modules.items():
+        if name not in table:
+            raise WrongModelError(where, f"{module.label}: not a module of this model")
+        entry = table[name]
+        model = getattr(models, MODEL_ATTR[entry.component])
+        weight = model.get_submodule(live_module_path(entry, model, table.layout)).weight
+        if not module.fits(tuple(weight.shape)):
+            raise WrongModelError(where, f"{module.label}: factors give {module.kron_shape()}, the weight is {list(weight.shape)}")
+        planned.append((weight, module))
+    for weight, module in planned:
+        weight.copy_(module.apply_to_weight(weight).to(weight.dtype))
+    return len(planned)
 
 
 def attach_lokr_from_file(

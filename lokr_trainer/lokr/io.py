@@ -405,6 +405,7 @@ def save_lokr(
     dtype: torch.dtype | str = torch.float16,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    extra_modules: Mapping[str, LoKrModuleWeights] | None = None,
 ) -> Path:
     """Save a :class:`~lokr_trainer.lokr.attach.LoKrNetwork` in the interop format.
 
@@ -412,10 +413,17 @@ def save_lokr(
     ``metadata`` adds or overrides keys of the network's own (``ss_*``,
     ``modelspec.*``, ``lokr_trainer.*``); values are turned into strings.  An
     existing file is replaced only with ``overwrite=True``, like the merge.
+    ``extra_modules`` (modules the network does not hold, e.g. the frozen
+    text-encoder modules of a starting file) are written after its own.
     """
     meta = dict(network.file_metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    return write_lokr(path, network.file_tensors(), meta, dtype=parse_dtype(dtype), overwrite=overwrite)
+    tensors = network.file_tensors()
+    clash = sorted(set(tensors) & set(extra_modules or {}))
+    if clash:
+        raise ValueError(f"extra_modules repeats modules of the network: {clash[:3]}")
+    tensors.update({name: m.tensors for name, m in (extra_modules or {}).items()})
+    return write_lokr(path, tensors, meta, dtype=parse_dtype(dtype), overwrite=overwrite)
 
 
 def json_dumps(value: Any) -> str:

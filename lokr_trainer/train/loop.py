@@ -380,8 +380,13 @@ class Trainer:
         models = self._load_models()
         set_seed(tc.seed)  # lycoris initialises W1 from the global RNG: same seed, same initial adapter
         network = attach_lokr(models, cfg.lokr, dtype=torch.float32)
-        if cfg.model.init_lokr and state is None:  # a resumed state holds the adapter already
-            _init_from_file(network, cfg.model.init_lokr)
+        kept: dict = {}
+        if cfg.model.init_lokr:  # a resumed state holds the trained adapter; frozen TE modules are baked again
+            kept = _init_from_file(network, models, cfg.model.init_lokr, load_trained=state is None,
+                                   keep_text_encoders=not tc.train_text_encoders)
+            if kept:
+                logger.info("model.init_lokr: %d text-encoder modules baked into the frozen text encoders "
+                            "(train.train_text_encoders = false); every saved adapter carries them unchanged", len(kept))
         frozen = freeze_unreachable_adapters(network, models.text_encoder)
         if frozen:
             logger.info("%d adapters of TE1's last layer get no gradient (SDXL uses its penultimate layer): "
@@ -470,7 +475,7 @@ class Trainer:
             latent_channels=int(vae.config.latent_channels),
             scaling=float(getattr(vae.config, "scaling_factor", 0.13025)),
             shift=float(getattr(vae.config, "shift_factor", None) or 0.0),
-            log=TrainLog(out / "logs" if self.is_main else None), summary=summary,
+            log=TrainLog(out / "logs" if self.is_main else None), summary=summary, kept_modules=kept,
         )
 
     # ------------------------------------------------------------------ fit
@@ -646,7 +651,11 @@ class Trainer:
             "modelspec.title": f"{self.output_dir.name} step {step}",
         })
         # the trainer owns its output folder (it refuses to start over another run's states)
-        return run.network.save(path, dtype=run.cfg.train.save_dtype, metadata=meta, overwrite=True)
+        if run.kept_modules:
+            meta["lokr_trainer.kept_modules"] = (f"{len(run.kept_modules)} text-encoder modules copied unchanged "
+                                                 f"from {Path(run.cfg.model.init_lokr).name}")
+        return run.network.save(path, dtype=run.cfg.train.save_dtype, metadata=meta, overwrite=True,
+                                extra_modules=run.kept_modules)
 
     def _save_state(self, run: "_Run", step: int) -> Path | None:
         """All ranks call this; the main process writes (optimizer states are the same on every rank)."""
@@ -779,6 +788,7 @@ class _Run:
     shift: float
     log: Any
     summary: str  # printed by fit() once Ctrl-C is handled ("" on other ranks)
+    kept_modules: dict  # frozen modules of model.init_lokr written unchanged into every adapter
 
 
 def _forget_previous_accelerator(mixed_precision: str) -> None:
@@ -796,17 +806,41 @@ def _forget_previous_accelerator(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def _init_from_file(network: Any, path: str) -> None:
-    """Load ``model.init_lokr`` into the freshly attached network; any mismatch is a one-line ConfigError."""
-    from lokr_trainer.errors import WrongModelError
+def _init_from_file(network: Any, models: Any, path: str, *, load_trained: bool, keep_text_encoders: bool) -> dict:
+    """Start from ``model.init_lokr``; any mismatch is a one-line ConfigError.
 
+    ``load_trained``: load the modules the network trains (a resumed state holds
+    them already).  ``keep_text_encoders`` (text encoders frozen): the file's TE
+    modules are baked into the frozen encoders, so prompts see the published
+    adapter, and are returned to be saved unchanged with the trained ones (the
+    result is then the whole published adapter with its UNet part trained on).
+    """
+    from lokr_trainer.errors import WrongModelError
+    from lokr_trainer.lokr import LoKrFile, load_lokr
+    from lokr_trainer.lokr.attach import bake_modules_into
+
+    f = None
     try:
-        network.load_state(path, strict=True)
+        f = load_lokr(path, layout=network.table.layout, table=network.table, skip_unknown=True)
+        kept = {}
+        if keep_text_encoders:
+            kept = {n: m for n, m in f.modules.items() if n in network.table and network.table[n].component != "unet"}
+            bake_modules_into(models, kept, network.table, where=path)
+            f = LoKrFile(f.path, {n: m for n, m in f.modules.items() if n not in kept}, f.metadata, f.skipped)
+        if load_trained:
+            network.load_state(f, strict=True)
     except WrongModelError as e:
+        hint = ""
+        if f is not None and not keep_text_encoders and any(
+            n in network.table and network.table[n].component != "unet" and n not in network.lokr for n in f.modules
+        ):
+            hint = ("; or, to keep the file's text-encoder modules as they are and train the UNet only, "
+                    "set train.train_text_encoders = false")
         raise ConfigError(
             f"model.init_lokr: {path}: {e.problem} (the file must hold exactly the modules and factor shapes "
-            "the [lokr] table selects: match [lokr] to the file's settings)"
+            f"the [lokr] table selects: match [lokr] to the file's settings{hint})"
         ) from None
+    return kept
 
 
 def _attempt(fn: Callable[[], None]) -> LokrTrainerError | None:
