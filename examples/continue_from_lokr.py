@@ -11,8 +11,9 @@ Delta's LoKr: ``preset = "kohaku-xl-delta"``); anything else is refused before
 training, naming the file and the first modules that do not fit.  The file's digest
 is part of the run's identity, so ``--resume`` refuses a state made from another file.
 With ``train.train_text_encoders = false`` (UNet only: less memory, cacheable prompts)
-the file's text-encoder modules are baked into the frozen encoders and written
-unchanged into every saved adapter, so the result is still the whole adapter.
+the file's text-encoder modules are baked into the frozen encoders and written,
+untrained (in ``train.save_dtype``), into every saved adapter, so the result is still
+the whole adapter.
 
 On the tiny fixture there is no published file, so when ``--lokr`` does not exist
 this script first makes a stand-in with a short run.

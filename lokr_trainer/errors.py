@@ -70,7 +70,8 @@ class BadImageError(DataError):
     def __init__(self, path: str | Path | None, reason: str, kind: str = "unreadable") -> None:
         self.path = None if path is None else str(path)
         self.reason = reason
-        #: short category for summaries: empty, missing, not_an_image, truncated, too_large, unreadable
+        #: short category for summaries: empty, missing, not_an_image, truncated, too_large, unreadable,
+        #: wrong_size (the file disagrees with its stated size), changed (a shard rewritten after indexing)
         self.kind = kind
         super().__init__(f"{self.path or '<bytes>'}: {reason}")
 

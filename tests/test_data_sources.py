@@ -208,6 +208,10 @@ def test_local_plain_shards_are_read_in_place_and_compressed_ones_streamed(shard
     cut.write_bytes(plain.read_bytes())
     rec = list(WebDatasetSource(str(cut)))[1]
     cut.write_bytes(plain.read_bytes()[: rec.offset + 10])
+    with pytest.raises(BadImageError, match="changed after it was indexed") as e:
+        rec.image_source()
+    assert e.value.kind == "changed"
+    rec.shard_stamp = None  # a record made by hand, without the stamp: the short read is still caught
     with pytest.raises(BadImageError, match="ends inside this member") as e:
         rec.image_source()
     assert e.value.kind == "truncated"
@@ -215,6 +219,55 @@ def test_local_plain_shards_are_read_in_place_and_compressed_ones_streamed(shard
     with pytest.raises(BadImageError, match="not found") as e:
         probe_record_size(rec)
     assert e.value.kind == "missing" and str(cut) in str(e.value)
+
+
+def test_a_shard_rewritten_after_indexing_is_refused_per_image_not_read_at_stale_offsets(tmp_path: Path) -> None:
+    pytest.importorskip("webdataset")
+    cat, dog = img_bytes(32, 32, "BMP", seed=1), img_bytes(32, 32, "BMP", seed=2)  # BMP: equal sizes
+    shard = tmp_path / "s.tar"
+    write_shard(shard, [("cat.bmp", cat), ("dog.bmp", dog)])
+    recs = {r.key: r for r in WebDatasetSource(str(shard))}
+    assert recs["cat"].image_source() == cat
+    size = shard.stat().st_size
+    write_shard(shard, [("dog.bmp", dog), ("cat.bmp", cat)])  # same size, members swapped
+    assert shard.stat().st_size == size
+    for key in ("cat", "dog"):
+        with pytest.raises(BadImageError, match="changed after it was indexed") as e:
+            recs[key].image_source()
+        assert e.value.kind == "changed"
+        with pytest.raises(BadImageError, match="changed after it was indexed"):
+            probe_record_size(recs[key])
+    assert {r.key: r.image_source() for r in WebDatasetSource(str(shard))} == {"cat": cat, "dog": dog}
+
+
+def test_sparse_tar_members_are_read_as_their_content_not_at_their_offset(tmp_path: Path) -> None:
+    """GNU tar --sparse stores a member's data compacted: offset + size do not hold its bytes."""
+    import shutil
+
+    pytest.importorskip("webdataset")
+    if shutil.which("tar") is None:
+        pytest.fail("this test needs GNU tar on PATH to write a sparse member")
+    pixels = np.zeros((256, 256, 3), np.uint8)
+    pixels[:4], pixels[-4:] = 200, 100
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "BMP")
+    data = buf.getvalue()
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "000.bmp", "wb") as f:  # written with a hole, so that tar stores it sparse
+        f.write(data[:8192])
+        f.truncate(len(data))
+        f.seek(len(data) - 8192)
+        f.write(data[-8192:])
+    (src / "001.png").write_bytes(img_bytes(64, 64, seed=3))
+    shard = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", str(shard), "-C", str(src), "000.bmp", "001.png"],
+                   check=True)
+    with tarfile.open(shard) as tf:
+        assert tf.getmember("000.bmp").issparse(), "tar did not store the member sparse on this file system"
+    recs = {r.key: r for r in WebDatasetSource(str(shard))}
+    assert recs["000"].image_source() == data and recs["000"].offset is None  # read, as when streaming
+    assert recs["001"].image_source() == img_bytes(64, 64, seed=3) and recs["001"].offset is not None
 
 
 def test_shard_stream_batches(shards: str) -> None:

@@ -96,7 +96,7 @@ class ModelConfig:
         "Start the adapters from this LoKr .safetensors file (e.g. a published one) instead of ΔW = 0; "
         "its modules and factor shapes must match the [lokr] selection (empty = fresh adapters). "
         "With train.train_text_encoders = false its text-encoder modules are baked into the frozen encoders "
-        "and saved unchanged next to the trained UNet modules.",
+        "and saved untrained next to the trained UNet modules (in train.save_dtype, like the whole file).",
     )
 
 

@@ -47,6 +47,8 @@ class SampleRecord:
             ``path`` (a member of a local uncompressed tar shard): records of a
             huge shard set then hold no image bytes, and every rank and worker
             reads just the members it draws.
+        shard_stamp: the shard's (size, mtime_ns) when it was indexed; a shard
+            rewritten since is refused per image instead of read at stale offsets.
         width, height: displayed size (after EXIF rotation) when known; filled
             by :func:`lokr_trainer.data.images.probe_size` otherwise.
         tags: tag lists by category (``character``, ``copyright``, ``artist``,
@@ -65,6 +67,7 @@ class SampleRecord:
     data: bytes | None = field(default=None, repr=False)
     offset: int | None = None
     size: int | None = None
+    shard_stamp: tuple[int, int] | None = None
     width: int | None = None
     height: int | None = None
     tags: dict[str, list[str]] = field(default_factory=dict)
@@ -82,33 +85,39 @@ class SampleRecord:
             return self.path
         return f"{self.source or self.path}:{self.key}"
 
-    def open_member(self) -> "BinaryIO":
-        """A tar member as a seekable file of its own (header probes read a few KiB, not the image)."""
+    def _open_shard(self) -> BinaryIO:
+        """The shard, checked to be the file that was indexed (same size and mtime)."""
         try:
             fh = open(self.path, "rb")  # type: ignore[arg-type]
         except FileNotFoundError:
             raise BadImageError(self.where, f"shard {self.path} not found", kind="missing") from None
         except OSError as e:
             raise BadImageError(self.where, f"cannot read shard {self.path}: {e.strerror or e}", kind="missing") from None
-        return io.BufferedReader(_Window(fh, int(self.offset or 0), int(self.size or 0), self.where))
+        if self.shard_stamp is not None:
+            st = os.fstat(fh.fileno())
+            if (st.st_size, st.st_mtime_ns) != tuple(self.shard_stamp):
+                fh.close()
+                raise BadImageError(self.where, f"shard {self.path} changed after it was indexed (its offsets may "
+                                    "point into other members now); restart the run to index it again", kind="changed")
+        return fh
+
+    def open_member(self) -> BinaryIO:
+        """A tar member as a seekable file of its own (header probes read a few KiB, not the image)."""
+        return io.BufferedReader(_Window(self._open_shard(), int(self.offset or 0), int(self.size or 0), self.where))
 
     def image_source(self) -> bytes | str | None:
         """What the decoders read: the bytes, a tar member's bytes read from its shard, or the path.
 
-        A shard that is gone or shorter than the member raises
-        :class:`~lokr_trainer.errors.BadImageError` (kinds ``missing`` / ``truncated``).
+        A shard that is gone, shorter than the member or not the file that was
+        indexed raises :class:`~lokr_trainer.errors.BadImageError` (kinds
+        ``missing`` / ``truncated`` / ``changed``): a logged skip, never another image.
         """
         if self.data is not None:
             return self.data
         if self.offset is None or self.path is None:
             return self.path
-        try:
-            with open(self.path, "rb") as fh:
-                data = os.pread(fh.fileno(), int(self.size or 0), self.offset)
-        except FileNotFoundError:
-            raise BadImageError(self.where, f"shard {self.path} not found", kind="missing") from None
-        except OSError as e:
-            raise BadImageError(self.where, f"cannot read shard {self.path}: {e.strerror or e}", kind="missing") from None
+        with self._open_shard() as fh:
+            data = os.pread(fh.fileno(), int(self.size or 0), self.offset)
         if len(data) != self.size:
             raise BadImageError(self.where, f"shard {self.path} ends inside this member "
                                 f"({len(data)} of {self.size} bytes)", kind="truncated")

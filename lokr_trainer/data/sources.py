@@ -328,7 +328,8 @@ def _group_members(fileobj: Any, in_place: bool = False) -> Iterator[tuple[str, 
             if m is None or "/__" in "/" + info.name:
                 continue
             key, ext = m.group(1), m.group(2).lower()
-            if in_place and ext in _IMAGE_MEMBER_EXTS:
+            if in_place and ext in _IMAGE_MEMBER_EXTS and not info.issparse():
+                # (a sparse member's stored bytes are not its content: those are read, as when streaming)
                 data: Any = MemberSpan(info.offset_data, info.size)
             else:
                 f = tf.extractfile(info)
@@ -342,7 +343,9 @@ def _group_members(fileobj: Any, in_place: bool = False) -> Iterator[tuple[str, 
         yield current["__key__"], current
 
 
-def sample_from_members(members: Mapping[str, Any], where: str, keep_tokens: int = 0) -> SampleRecord | None:
+def sample_from_members(
+    members: Mapping[str, Any], where: str, keep_tokens: int = 0, shard_stamp: tuple[int, int] | None = None
+) -> SampleRecord | None:
     """Turn one webdataset sample (``{"__key__": ..., "jpg": bytes, "json": bytes, ...}``) into a record.
 
     Returns ``None`` when the sample has no image member (logged by the caller).
@@ -353,7 +356,8 @@ def sample_from_members(members: Mapping[str, Any], where: str, keep_tokens: int
         return None
     image = members[ext]
     if isinstance(image, MemberSpan):
-        rec = SampleRecord(key=key, path=where, offset=image.offset, size=image.size, source=where)
+        rec = SampleRecord(key=key, path=where, offset=image.offset, size=image.size, source=where,
+                           shard_stamp=shard_stamp)
     else:
         rec = SampleRecord(key=key, data=bytes(image), source=where)
     if "json" in members:
@@ -401,9 +405,13 @@ class WebDatasetSource:
             except Exception as e:  # noqa: BLE001 - any transport error: skip the shard
                 self._bad(url, e)
                 continue
+            stamp = None
+            if local is not None:
+                st = os.fstat(stream.fileno())
+                stamp = (st.st_size, st.st_mtime_ns)
             try:
                 for key, members in _group_members(stream, in_place=local is not None):
-                    rec = sample_from_members(members, local or url, self.keep_tokens)
+                    rec = sample_from_members(members, local or url, self.keep_tokens, stamp)
                     if rec is None:
                         self.missing_image += 1
                         logger.warning("%s: sample %r has no image member; skipped", url, key)

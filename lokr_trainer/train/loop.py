@@ -386,7 +386,7 @@ class Trainer:
                                    keep_text_encoders=not tc.train_text_encoders)
             if kept:
                 logger.info("model.init_lokr: %d text-encoder modules baked into the frozen text encoders "
-                            "(train.train_text_encoders = false); every saved adapter carries them unchanged", len(kept))
+                            "(train.train_text_encoders = false); every saved adapter carries them, untrained", len(kept))
         frozen = freeze_unreachable_adapters(network, models.text_encoder)
         if frozen:
             logger.info("%d adapters of TE1's last layer get no gradient (SDXL uses its penultimate layer): "
@@ -652,7 +652,7 @@ class Trainer:
         })
         # the trainer owns its output folder (it refuses to start over another run's states)
         if run.kept_modules:
-            meta["lokr_trainer.kept_modules"] = (f"{len(run.kept_modules)} text-encoder modules copied unchanged "
+            meta["lokr_trainer.kept_modules"] = (f"{len(run.kept_modules)} text-encoder modules copied, untrained, "
                                                  f"from {Path(run.cfg.model.init_lokr).name}")
         return run.network.save(path, dtype=run.cfg.train.save_dtype, metadata=meta, overwrite=True,
                                 extra_modules=run.kept_modules)
@@ -812,7 +812,7 @@ def _init_from_file(network: Any, models: Any, path: str, *, load_trained: bool,
     ``load_trained``: load the modules the network trains (a resumed state holds
     them already).  ``keep_text_encoders`` (text encoders frozen): the file's TE
     modules are baked into the frozen encoders, so prompts see the published
-    adapter, and are returned to be saved unchanged with the trained ones (the
+    adapter, and are returned to be saved, untrained, with the trained ones (the
     result is then the whole published adapter with its UNet part trained on).
     """
     from lokr_trainer.errors import WrongModelError
