@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lokr_trainer.errors import LokrTrainerError
+
 #: The run config the demo trains (tiny model, CPU, about a minute).
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
@@ -118,6 +120,8 @@ def _train_and_bake(base: Path, out_dir: Path, seed: int, progress: bool) -> dic
     t0 = time.perf_counter()
     result = trainer.fit()
     t_train = time.perf_counter() - t0
+    if result.adapter is None:  # Ctrl-C / SIGTERM: the trainer saved a state and stopped early
+        raise KeyboardInterrupt(f"after step {result.start_step + result.steps_done} of {result.total_steps}")
     val = trainer.validation_history
 
     baked = out_dir / "tiny_sdxl_trained_baked.safetensors"
@@ -163,7 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = run(args.out, args.seed, progress=not args.no_progress)
+    try:
+        report = run(args.out, args.seed, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        where = f" {e.args[0]}" if e.args else ""
+        print(f"demo interrupted{where}: nothing baked or checked; run it again to start afresh", file=sys.stderr)
+        return 130
+    except LokrTrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print("demo FAILED")
+        return 1
     return 0 if print_report(report) else 1
 
 

@@ -20,3 +20,19 @@ def test_demo_trains_bakes_and_checks(tmp_path, capsys):
     assert demo.print_report(report) is True
     out = capsys.readouterr().out
     assert "demo OK" in out and "validation loss" in out
+
+
+def test_a_demo_stopped_by_ctrl_c_says_so_in_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C makes the trainer save and stop early; the demo must not then bake a missing adapter."""
+    from lokr_trainer.train.loop import Trainer, TrainResult
+
+    def stopped(self):
+        return TrainResult(self.output_dir, None, 0, 93, 120, stopped="signal")
+
+    monkeypatch.setattr(Trainer, "fit", stopped)
+    assert demo.main(["--out", str(tmp_path / "demo"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "demo interrupted after step 93 of 120: nothing baked or checked; run it again to start afresh"
+    ]
+    assert "Traceback" not in err

@@ -99,6 +99,13 @@ def test_missing_model_missing_data_and_empty_folder(capsys, paths, no_model_loa
     assert expect in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_settings_that_cannot_work_together_are_named_before_missing_files(capsys, paths, no_model_load):
+    """A recipe tried before its model is downloaded still reports the settings mistake first."""
+    rc, err = run_main(capsys, f"model.path={paths['out'].parent / 'not_downloaded.safetensors'}",
+                       "data.path=[\"no_such_folder\"]", "model.dtype=fp16", "train.mixed_precision=no")
+    assert rc == 2 and err.startswith("error: model.dtype = 'fp16' needs train.mixed_precision"), err
+
+
 def test_real_process_exit_code_and_no_traceback(paths):
     proc = subprocess.run(
         [sys.executable, "-m", "lokr_trainer.train", "--config", str(DEMO), "--set", "lokr.factr=4"],

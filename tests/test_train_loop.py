@@ -403,6 +403,22 @@ def test_sigint_to_a_real_process_at_an_arbitrary_moment_then_resume(tiny_sdxl, 
     assert_bit_identical(straight_runs["adamw"], adapter_tensors(final))
 
 
+def test_resuming_a_finished_run_says_so_without_loading_the_model(tiny_sdxl, tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _, first = fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 2}))
+    before = first.adapter.read_bytes()
+
+    def no_model(self):
+        raise AssertionError("the model was loaded for a run with no step left")
+
+    monkeypatch.setattr(Trainer, "_load_models", no_model)
+    capsys.readouterr()
+    _, again = fit(config(tiny_sdxl, tiny_data, out, train={"max_steps": 2}), resume="latest")
+    assert (again.start_step, again.steps_done, again.total_steps) == (2, 0, 2)
+    assert again.adapter == out / "lokr.safetensors" and again.adapter.read_bytes() == before
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "the run is already complete (2/2 steps); nothing to do"
+
+
 def test_ctrl_c_before_training_begins_is_one_line_and_exit_130(tiny_sdxl, tiny_data, tmp_path, monkeypatch, capsys):
     """An interrupt while the model loads or the caches fill: no traceback, no state, exit 130."""
     from lokr_trainer.train import __main__ as cli

@@ -119,16 +119,23 @@ BUILDERS = {
 
 @contextmanager
 def _quiet_transformers():
-    """transformers/diffusers warn loudly about meta init and unused config keys."""
+    """transformers/diffusers warn loudly about meta init and unused config keys, and
+    transformers 5 draws a "Loading weights" bar per text encoder (even under --no-progress)."""
+    from transformers.utils import logging as hf_logging
+
     loggers = [logging.getLogger(n) for n in ("transformers", "diffusers")]
     levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_empty(component: str, config: Mapping[str, Any]) -> torch.nn.Module:

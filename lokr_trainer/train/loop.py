@@ -115,6 +115,14 @@ class TrainResult:
     seconds: float = 0.0
 
 
+class _AlreadyComplete(Exception):
+    """_setup() found that the resumed run has no step left (caught by fit(), never seen by users)."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(step, total)
+        self.step, self.total = step, total
+
+
 class _StopRequest:
     """SIGINT/SIGTERM → stop at the next optimizer-step boundary (a second SIGINT aborts)."""
 
@@ -177,16 +185,8 @@ class Trainer:
     # ------------------------------------------------------------------ checks before any model loads
 
     def _check_inputs(self) -> None:
+        """Settings that cannot work together first (they need no file), then the paths."""
         cfg = self.cfg
-        model = Path(cfg.model.path)
-        if not model.exists():
-            raise ConfigError(f"model.path: {model} does not exist (a .safetensors file or a diffusers folder)")
-        for key, paths in (("data.path", cfg.data.path), ("validation.path", cfg.validation.path)):
-            for p in paths:
-                if not _source_exists(p):
-                    raise ConfigError(f"{key}: {p} does not exist (a folder, a .jsonl manifest or a .tar shard pattern)")
-        if cfg.model.init_lokr and not Path(cfg.model.init_lokr).is_file():
-            raise ConfigError(f"model.init_lokr: {cfg.model.init_lokr} is not a file (a LoKr .safetensors file, or empty)")
         if cfg.data.cache_latents and cfg.data.crop != "center":
             raise ConfigError("data.cache_latents needs data.crop = 'center' (random crops change every epoch)")
         if cfg.data.cache_text and self.hooks.caption is not None:
@@ -204,6 +204,15 @@ class Trainer:
                 f"model.dtype = {cfg.model.dtype!r} needs train.mixed_precision = 'fp16' or 'bf16' "
                 "(the fp32 adapters meet the base weights under autocast)"
             )
+        model = Path(cfg.model.path)
+        if not model.exists():
+            raise ConfigError(f"model.path: {model} does not exist (a .safetensors file or a diffusers folder)")
+        for key, paths in (("data.path", cfg.data.path), ("validation.path", cfg.validation.path)):
+            for p in paths:
+                if not _source_exists(p):
+                    raise ConfigError(f"{key}: {p} does not exist (a folder, a .jsonl manifest or a .tar shard pattern)")
+        if cfg.model.init_lokr and not Path(cfg.model.init_lokr).is_file():
+            raise ConfigError(f"model.init_lokr: {cfg.model.init_lokr} is not a file (a LoKr .safetensors file, or empty)")
 
     def _make_accelerator(self) -> Any:
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -375,6 +384,8 @@ class Trainer:
         except LokrTrainerError as e:
             failure = e
         self._agree(failure, "reading the model, data and training state", identity)
+        if start_step >= total_steps:  # resuming a finished run: nothing to load
+            raise _AlreadyComplete(start_step, total_steps)
 
         # model, adapters, optimizer
         models = self._load_models()
@@ -487,15 +498,13 @@ class Trainer:
         from lokr_trainer.train.report import end_summary
 
         t_start = time.perf_counter()
-        run = self._setup()
-        result = TrainResult(self.output_dir, None, run.start_step, 0, run.total_steps)
-        if run.start_step >= run.total_steps:
-            self._print(run.summary)
-            self._print(f"the run is already complete ({run.start_step}/{run.total_steps} steps); nothing to do")
-            run.log.close()
+        try:
+            run = self._setup()
+        except _AlreadyComplete as done:
+            self._print(f"the run is already complete ({done.step}/{done.total} steps); nothing to do")
             final = self.output_dir / "lokr.safetensors"
-            result.adapter = final if final.is_file() else None
-            return result
+            return TrainResult(self.output_dir, final if final.is_file() else None, done.step, 0, done.total)
+        result = TrainResult(self.output_dir, None, run.start_step, 0, run.total_steps)
 
         bar = None
         # The handler is in place before the summary is printed: from the moment a user sees
