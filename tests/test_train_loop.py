@@ -225,6 +225,49 @@ def test_resume_is_bit_identical_to_a_straight_run(tiny_sdxl, tiny_data, tmp_pat
     assert_bit_identical(straight_runs[optimizer], adapter_tensors(second.adapter))
 
 
+def test_ctrl_c_in_the_last_step_or_during_the_final_save_still_writes_the_final_adapter(
+    tiny_sdxl, tiny_data, tmp_path, straight_runs, monkeypatch
+):
+    """Once the last step runs there is no step boundary left to stop at: the run finishes.
+
+    Before, a signal in step 6 of 6 saved a state and no lokr.safetensors, and the resume
+    then said "already complete" and never wrote it.
+    """
+    def send_sigint(step, micro, loss):
+        if step == 5 and micro == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    cfg = config(tiny_sdxl, tiny_data, tmp_path / "last", train={"max_steps": 6}, optimizer={"name": "adamw"})
+    _, r = fit(cfg, hooks=TrainerHooks(loss=send_sigint))
+    assert r.stopped == "done" and r.adapter is not None
+    assert_bit_identical(straight_runs["adamw"], adapter_tensors(r.adapter))
+
+    # a signal while the final files are written: deferred, the save completes
+    real = Trainer._save_state
+
+    def signalled_save(self, run, step):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, run, step)
+
+    monkeypatch.setattr(Trainer, "_save_state", signalled_save)
+    cfg = config(tiny_sdxl, tiny_data, tmp_path / "save", train={"max_steps": 6}, optimizer={"name": "adamw"})
+    _, r = fit(cfg)
+    assert r.stopped == "done"
+    assert_bit_identical(straight_runs["adamw"], adapter_tensors(r.adapter))
+
+
+def test_a_finished_run_whose_final_adapter_is_missing_writes_it_on_resume(tiny_sdxl, tiny_data, tmp_path, straight_runs):
+    out = tmp_path / "run"
+    cfg = config(tiny_sdxl, tiny_data, out, train={"max_steps": 6}, optimizer={"name": "adamw"})
+    fit(cfg)
+    (out / "lokr.safetensors").unlink()  # e.g. killed while writing it, after the last state
+    _, r = fit(cfg, resume="latest")
+    assert (r.start_step, r.steps_done, r.stopped) == (6, 0, "done")
+    assert_bit_identical(straight_runs["adamw"], adapter_tensors(out / "lokr.safetensors"))
+    assert [s for s, _ in list_states(out / "state")] == [6]
+
+
 def test_resume_refuses_a_config_that_changes_the_run(tiny_sdxl, tiny_data, tmp_path):
     from lokr_trainer.errors import ConfigError
 

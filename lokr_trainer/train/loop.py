@@ -383,9 +383,12 @@ class Trainer:
                 start_step = int(state["trainer"]["step"])
         except LokrTrainerError as e:
             failure = e
-        self._agree(failure, "reading the model, data and training state", identity)
-        if start_step >= total_steps:  # resuming a finished run: nothing to load
+        final_written = (out / "lokr.safetensors").is_file()
+        self._agree(failure, "reading the model, data and training state",
+                    None if identity is None else {**identity, "final adapter written": final_written})
+        if start_step >= total_steps and final_written:  # resuming a finished run: nothing to load
             raise _AlreadyComplete(start_step, total_steps)
+        # (all steps done but no final adapter, e.g. killed while writing it: set up, then write it)
 
         # model, adapters, optimizer
         models = self._load_models()
@@ -536,12 +539,18 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 run.log.close()
-        if result.stopped == "done":
-            result.state = self._save_state(run, run.total_steps)
-            if self.is_main:
-                self._save_adapter(run, self.output_dir / "lokr.safetensors", run.total_steps)
-            self.accelerator.wait_for_everyone()
-            result.adapter = self.output_dir / "lokr.safetensors"
+            # still under the handler: a Ctrl-C now lets the final save finish (a second one aborts it,
+            # and the atomic writes leave the previous files as they were)
+            if result.stopped == "done":
+                if run.start_step < run.total_steps:
+                    result.state = self._save_state(run, run.total_steps)
+                else:
+                    self._print(f"all {run.total_steps} steps were done but the final adapter is missing: "
+                                "writing it from the last state")
+                if self.is_main:
+                    self._save_adapter(run, self.output_dir / "lokr.safetensors", run.total_steps)
+                self.accelerator.wait_for_everyone()
+                result.adapter = self.output_dir / "lokr.safetensors"
         result.skipped_steps = run.counters["skipped_steps"]
         result.skipped_images = self.skip_log.total
         result.seconds = time.perf_counter() - t_start
@@ -638,7 +647,7 @@ class Trainer:
         if run.start_step < tc.stop_after <= done < run.total_steps:
             result.stopped = "stop_after"
             message = f"stopped after step {done} (train.stop_after)"
-        elif self._stop_requested(stop):
+        elif done < run.total_steps and self._stop_requested(stop):  # after the last step: just finish
             result.stopped = "signal"
             message = f"interrupted after step {done}"
         else:
