@@ -466,6 +466,16 @@ def infer_settings(module: LoKrModuleWeights, weight_shape: Sequence[int], base:
     )
 
 
+def _fitting_weight(models: Any, table: ModuleTable, entry: ModuleEntry, module: LoKrModuleWeights,
+                    label: str, where: str | Path | None = None) -> torch.Tensor:
+    """The live weight ``module`` adapts; a :class:`WrongModelError` when its factors do not fit it."""
+    model = getattr(models, MODEL_ATTR[entry.component])
+    weight = model.get_submodule(live_module_path(entry, model, table.layout)).weight
+    if not module.fits(tuple(weight.shape)):
+        raise WrongModelError(where, f"{label}: factors give {module.kron_shape()}, the weight is {list(weight.shape)}")
+    return weight
+
+
 @torch.no_grad()
 def bake_modules_into(
     models: Any, modules: Mapping[str, LoKrModuleWeights], table: ModuleTable | None = None, where: str | Path | None = None
@@ -482,12 +492,7 @@ def bake_modules_into(
     for name, module in modules.items():
         if name not in table:
             raise WrongModelError(where, f"{module.label}: not a module of this model")
-        entry = table[name]
-        model = getattr(models, MODEL_ATTR[entry.component])
-        weight = model.get_submodule(live_module_path(entry, model, table.layout)).weight
-        if not module.fits(tuple(weight.shape)):
-            raise WrongModelError(where, f"{module.label}: factors give {module.kron_shape()}, the weight is {list(weight.shape)}")
-        planned.append((weight, module))
+        planned.append((_fitting_weight(models, table, table[name], module, module.label, where), module))
     for weight, module in planned:
         weight.copy_(module.apply_to_weight(weight).to(weight.dtype))
     return len(planned)
@@ -533,11 +538,8 @@ def attach_lokr_from_file(
         module = f.modules.get(entry.lokr_name)
         if module is None:
             continue
-        model = getattr(models, MODEL_ATTR[entry.component])
-        weight = model.get_submodule(live_module_path(entry, model, table.layout)).weight
         try:
-            if not module.fits(tuple(weight.shape)):
-                raise WrongModelError(None, f"{entry.lokr_name}: factors give {module.kron_shape()}, the weight is {list(weight.shape)}")
+            weight = _fitting_weight(models, table, entry, module, entry.lokr_name)
             plan.append((entry, infer_settings(module, tuple(weight.shape), base)))
         except WrongModelError as e:
             problems.append(e.problem)

@@ -116,7 +116,7 @@ class TrainResult:
 
 
 class _AlreadyComplete(Exception):
-    """_setup() found that the resumed run has no step left (caught by fit(), never seen by users)."""
+    """_setup() found the resumed run finished, final adapter written (caught by fit(), never seen by users)."""
 
     def __init__(self, step: int, total: int) -> None:
         super().__init__(step, total)
@@ -505,8 +505,7 @@ class Trainer:
             run = self._setup()
         except _AlreadyComplete as done:
             self._print(f"the run is already complete ({done.step}/{done.total} steps); nothing to do")
-            final = self.output_dir / "lokr.safetensors"
-            return TrainResult(self.output_dir, final if final.is_file() else None, done.step, 0, done.total)
+            return TrainResult(self.output_dir, self.output_dir / "lokr.safetensors", done.step, 0, done.total)
         result = TrainResult(self.output_dir, None, run.start_step, 0, run.total_steps)
 
         bar = None
@@ -806,7 +805,7 @@ class _Run:
     shift: float
     log: Any
     summary: str  # printed by fit() once Ctrl-C is handled ("" on other ranks)
-    kept_modules: dict  # frozen modules of model.init_lokr written unchanged into every adapter
+    kept_modules: dict  # frozen TE modules of model.init_lokr, written untrained into every adapter
 
 
 def _forget_previous_accelerator(mixed_precision: str) -> None:
@@ -837,12 +836,15 @@ def _init_from_file(network: Any, models: Any, path: str, *, load_trained: bool,
     from lokr_trainer.lokr import LoKrFile, load_lokr
     from lokr_trainer.lokr.attach import bake_modules_into
 
+    def text_encoder_module(name: str) -> bool:
+        return name in network.table and network.table[name].component != "unet"
+
     f = None
     try:
         f = load_lokr(path, layout=network.table.layout, table=network.table, skip_unknown=True)
         kept = {}
         if keep_text_encoders:
-            kept = {n: m for n, m in f.modules.items() if n in network.table and network.table[n].component != "unet"}
+            kept = {n: m for n, m in f.modules.items() if text_encoder_module(n)}
             bake_modules_into(models, kept, network.table, where=path)
             f = LoKrFile(f.path, {n: m for n, m in f.modules.items() if n not in kept}, f.metadata, f.skipped)
         if load_trained:
@@ -850,7 +852,7 @@ def _init_from_file(network: Any, models: Any, path: str, *, load_trained: bool,
     except WrongModelError as e:
         hint = ""
         if f is not None and not keep_text_encoders and any(
-            n in network.table and network.table[n].component != "unet" and n not in network.lokr for n in f.modules
+            text_encoder_module(n) and n not in network.lokr for n in f.modules
         ):
             hint = ("; or, to keep the file's text-encoder modules as they are and train the UNet only, "
                     "set train.train_text_encoders = false")
